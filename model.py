@@ -498,6 +498,42 @@ class GPT(nn.Module):
     def new_kv_cache(self):
         return KVCache(self.config.n_layer)
 
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_id=None, pad_mask=None,
+                 generator=None, on_token=None):
+        """Continue the prompts idx (B, T) by up to max_new_tokens tokens, using the KV cache.
+
+        Prompts of different lengths are left-padded, with pad_mask (B, T) True on real tokens. A row that
+        emits eos_id keeps emitting it, and generation stops when every row has. When the sequence
+        outgrows context_len, the cache is rebuilt from the last context_len // 2 tokens, so the model
+        never sees more context than it was trained on. on_token(ids (B,)) is called after each step.
+        Returns (B, T + new) ids.
+        """
+        B = idx.size(0)
+        tokens = idx
+        valid = torch.ones_like(idx, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
+        kv_cache = self.new_kv_cache()
+        logits, _ = self(tokens, kv_cache=kv_cache, pad_mask=valid)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            next_ids = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)   # (B,)
+            if eos_id is not None:
+                next_ids = torch.where(done, torch.full_like(next_ids, eos_id), next_ids)
+                done |= next_ids == eos_id
+            tokens = torch.cat((tokens, next_ids[:, None]), dim=1)
+            valid = torch.cat((valid, torch.ones_like(valid[:, :1])), dim=1)
+            if on_token is not None:
+                on_token(next_ids)
+            if bool(done.all()):
+                break
+            if kv_cache.seq_len >= self.config.context_len:
+                keep = self.config.context_len // 2
+                kv_cache = self.new_kv_cache()
+                logits, _ = self(tokens[:, -keep:], kv_cache=kv_cache, pad_mask=valid[:, -keep:])
+            else:
+                logits, _ = self(next_ids[:, None], kv_cache=kv_cache)
+        return tokens
+
     # -----------------------------------------------------------------------------------------------
     # Sizes and cost
 
@@ -526,6 +562,39 @@ class GPT(nn.Module):
         attention = sum(12 * self.config.n_embd * min(seq_len, self.config.layer_window(layer) or seq_len)
                         for layer in range(self.config.n_layer))
         return 6 * matrix_params + attention
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling one token
+
+
+def sample_next_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Pick the next token ids (B,) from logits (B, V).
+
+    temperature 0 (or top_k 1) is greedy decoding. top_k keeps the k most likely tokens; top_p keeps the
+    smallest set of most likely tokens whose probability reaches top_p, the token that crosses the
+    threshold included; ties are broken by the lower token id, so the kept set is deterministic.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy decoding)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth_best = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p < 1.0:
+        probs, order = torch.sort(logits.softmax(dim=-1), dim=-1, descending=True, stable=True)
+        mass_before = probs.cumsum(dim=-1) - probs
+        # The 1e-6 slack keeps float rounding from admitting a token that starts exactly at top_p.
+        drop_sorted = mass_before >= top_p - 1e-6
+        drop_sorted[:, 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------------------------
