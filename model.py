@@ -553,12 +553,14 @@ class GPT(nn.Module):
         2022): 6 per active matrix weight (the output head included, embedding lookups not) plus
         12 * n_embd * attended length per layer for the attention scores and their weighted sum."""
         seq_len = seq_len or self.config.context_len
-        matrix_params = self.num_params(active=True) - self.wte.weight.numel()
-        matrix_params -= sum(p.numel() for n, p in self.named_parameters() if p.dim() < 2)  # norms and biases
-        if self.wpe is not None:
-            matrix_params -= self.wpe.weight.numel()
+        embeddings = {"wte.weight", "wpe.weight"}
+        matrix_params = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and n not in embeddings)
         if self.config.tie_embeddings:
             matrix_params += self.lm_head.weight.numel()  # the head is a matmul even when it shares the embedding
+        for block in self.blocks:
+            if isinstance(block.mlp, MoE):  # only top_k experts run per token
+                per_expert = sum(p.numel() for p in block.mlp.experts[0].parameters() if p.dim() == 2)
+                matrix_params -= (block.mlp.n_expert - block.mlp.top_k) * per_expert
         attention = sum(12 * self.config.n_embd * min(seq_len, self.config.layer_window(layer) or seq_len)
                         for layer in range(self.config.n_layer))
         return 6 * matrix_params + attention
@@ -628,7 +630,8 @@ def find_checkpoint(path):
         return path
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} not found; pass a run folder such as out/<run> or a checkpoint directory")
-    candidates = sorted(p for p in path.glob("step-*") if (p / "model.pt").is_file() and (p / "config.json").is_file())
+    candidates = sorted((p for p in path.glob("step-*") if (p / "model.pt").is_file() and (p / "config.json").is_file()),
+                        key=lambda p: int(p.name.removeprefix("step-")) if p.name.removeprefix("step-").isdigit() else -1)
     if not candidates:
         raise FileNotFoundError(f"no checkpoint in {path}: it has no model.pt and no step-* checkpoint folder")
     return candidates[-1]
