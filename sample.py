@@ -17,7 +17,6 @@ import torch
 
 import tokenizer as tok
 from model import find_checkpoint, load_checkpoint
-from train import exit_with_error
 
 
 def load_model_and_tokenizer(path, device="cpu"):
@@ -81,7 +80,7 @@ def generate_text(model, tokenizer, prompts, max_new_tokens, temperature=1.0, to
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = tok.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default="out/tinyshakespeare-char", help="checkpoint directory or run folder (default: %(default)s)")
     parser.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
     parser.add_argument("--prompt-file", default="", help="file of prompts, one per line, generated as one batch")
@@ -94,7 +93,6 @@ def parse_args(argv=None):
     parser.add_argument("--no-stop-at-eot", action="store_true", help="keep generating past the end-of-text token")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default: %(default)s)")
-    parser.error = exit_with_error
     return parser.parse_args(argv)
 
 

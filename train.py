@@ -132,19 +132,13 @@ def add_dataclass_flags(parser, defaults, helps):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tok.ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     train_fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     add_dataclass_flags(parser.add_argument_group("training"), train_fields,
                         {f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)})
     model_fields = {f.name: MODEL_DEFAULTS.get(f.name, f.default) for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"}
     add_dataclass_flags(parser.add_argument_group("model"), model_fields, MODEL_HELP)
-    parser.error = exit_with_error
     return parser
-
-
-def exit_with_error(message):
-    """Report a command-line error as one `error:` line (argparse's own adds a usage block)."""
-    sys.exit(f"error: {message}; see --help")
 
 
 def parse_args(argv=None):
@@ -270,8 +264,9 @@ def print0(runtime, *args, **kwargs):
 def measure_matmul_peak(device, dtype, size=2048, repeats=10):
     """The measured FLOP/s of a large square matmul on this device: the ceiling MFU is reported against."""
     size = size if device.type != "cpu" else 1024
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG, and so a resumed run, alone
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     best = float("inf")
     for _ in range(3 + repeats):
         if device.type == "cuda":
@@ -303,8 +298,9 @@ def prepare_token_data(cfg, runtime):
     tokenizer_name = Path(cfg.tokenizer).stem if cfg.tokenizer.endswith(".json") else cfg.tokenizer
     out = Path("data/tokens") / f"{name}-{tokenizer_name}"
     if runtime.is_main and not token_cache_is_current(out, source, cfg.tokenizer):
-        tokenizer = (tok.train_tokenizer("char", [p.read_text(encoding="utf-8") for p in tok.find_text_files([str(source)])])
-                     if cfg.tokenizer == "char" else tok.load_tokenizer(cfg.tokenizer, gpt2_files=cfg.gpt2_files or None))
+        files = tok.find_text_files([str(source)])
+        tokenizer = (tok.build_char_tokenizer(files) if cfg.tokenizer == "char"
+                     else tok.load_tokenizer(cfg.tokenizer, gpt2_files=cfg.gpt2_files or None))
         print0(runtime, f"tokenizing {source} with {cfg.tokenizer} into {out}")
         tok.encode_corpus(tokenizer, [str(source)], out, force=True)
     if runtime.distributed:
@@ -319,11 +315,11 @@ def token_cache_is_current(out, source, tokenizer_name):
     except (OSError, ValueError):
         return False
     files = tok.find_text_files([str(source)])
-    size = sum(p.stat().st_size for p in files)
-    names = sorted(p.name for p in files)
-    kind = "bpe" if tokenizer_name.endswith(".json") else tokenizer_name
-    return meta.get("train_bytes", -1) + meta.get("val_bytes", -1) == size and sorted(meta.get("sources", [])) == names \
-        and meta.get("tokenizer") in (kind, tokenizer_name)
+    same_text = meta["sources"] == [str(p) for p in files] and \
+        meta["train_bytes"] + meta["val_bytes"] == sum(p.stat().st_size for p in files)
+    if tokenizer_name.endswith(".json"):
+        return same_text and meta["tokenizer_hash"] == tok.load_tokenizer(tokenizer_name).hash
+    return same_text and meta["tokenizer"] == tokenizer_name
 
 
 def download_shakespeare(path):

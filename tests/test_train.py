@@ -1,6 +1,7 @@
 """Training runtime: token-normalized accumulation, clipping with a GradScaler, precision, resume, DDP, CLI."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -200,19 +201,26 @@ def assert_clean_error(result, needle):
 
 
 def test_resume_continues_exactly(tmp_path, token_dir):
-    common = ["--data", str(token_dir), *TINY, "--max-steps", "20", "--log-interval", "1", "--dropout", "0.1"]
-    straight = run_script("train.py", [*common, "--run", "straight"], tmp_path)
+    """20 steps straight equal 10 steps, a stop, and 10 more in a new process (dropout on, so RNG state counts)."""
+    args = ["--data", str(token_dir), *TINY, "--max-steps", "20", "--log-interval", "1", "--dropout", "0.1",
+            "--ckpt-interval", "10", "--run", "straight"]
+    straight = run_script("train.py", args, tmp_path)
     assert straight.returncode == 0, straight.stderr
-    first = run_script("train.py", [*common, "--run", "split", "--max-steps", "10"], tmp_path)
-    assert first.returncode == 0, first.stderr
-    second = run_script("train.py", ["--resume", str(tmp_path / "out" / "split"), "--max-steps", "20"], tmp_path)
-    assert second.returncode == 0, second.stderr
 
-    losses = {r["step"]: r["loss"] for r in read_log(tmp_path / "out" / "straight") if "loss" in r}
-    resumed = {r["step"]: r["loss"] for r in read_log(tmp_path / "out" / "split") if "loss" in r}
-    assert resumed == losses
+    # Stop the run at step 10: keep its step-10 checkpoint and the log up to there.
+    split = tmp_path / "out" / "split"
+    split.mkdir()
+    shutil.copytree(tmp_path / "out" / "straight" / "step-000010", split / "step-000010")
+    shutil.copy(tmp_path / "out" / "straight" / "run.json", split / "run.json")
+    resumed = run_script("train.py", ["--resume", str(split)], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step 10" in resumed.stdout
+
+    losses = {r["step"]: r["loss"] for r in read_log(tmp_path / "out" / "straight") if "loss" in r and r["step"] > 10}
+    resumed_losses = {r["step"]: r["loss"] for r in read_log(split) if "loss" in r}
+    assert resumed_losses == losses
     a = torch.load(tmp_path / "out" / "straight" / "step-000020" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "out" / "split" / "step-000020" / "model.pt", weights_only=True)
+    b = torch.load(split / "step-000020" / "model.pt", weights_only=True)
     for name in a:
         assert torch.equal(a[name], b[name]), name
 
