@@ -33,9 +33,9 @@ def load_model_and_tokenizer(path, device="cpu"):
 
 
 def encode_prompts(tokenizer, prompts, device):
-    """Encode prompts into one left-padded batch. An empty prompt starts from the end-of-text token.
-    Returns (ids (B, T), pad_mask (B, T) with True on real tokens)."""
-    encoded = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
+    """Encode prompts into one left-padded batch. Special-token text in a prompt (e.g. <|user|>) becomes
+    that token, and an empty prompt starts from the end-of-text token. Returns (ids (B, T), pad_mask (B, T) with True on real tokens)."""
+    encoded = [tokenizer.encode(p, allowed_special="all") or [tokenizer.eot_id] for p in prompts]
     width = max(len(ids) for ids in encoded)
     ids = torch.full((len(encoded), width), tokenizer.eot_id, dtype=torch.long)
     pad_mask = torch.zeros(len(encoded), width, dtype=torch.bool)
