@@ -31,10 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tokenizer as tok
-from model import GPT, GPTConfig, IGNORE_INDEX, clean_state_dict, find_checkpoint, read_checkpoint_config, write_checkpoint_files
+from model import GPT, GPTConfig, IGNORE_INDEX, find_checkpoint, read_checkpoint_config, write_checkpoint_files
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DEFAULT_INPUT = Path("data/tinyshakespeare/input.txt")
@@ -53,7 +56,8 @@ class TrainConfig:
     tokenizer: str = field(default="char", metadata={"help": "tokenizer for --input: char, byte, gpt2 or a tokenizer JSON file"})
     gpt2_files: str = field(default="", metadata={"help": "folder with GPT-2's encoder.json + vocab.bpe or gpt2.tiktoken (offline use)"})
     # run
-    run: str = field(default="", metadata={"help": "run name: output goes to <out-dir>/<run> (default: the data folder's name)"})
+    # Not "--run": torchrun would read that as an abbreviation of its own --run-path.
+    run_name: str = field(default="", metadata={"help": "output goes to <out-dir>/<run-name> (default: the data folder's name)"})
     out_dir: str = field(default="out", metadata={"help": "parent folder of runs"})
     resume: str = field(default="", metadata={"help": "run folder to continue, e.g. out/shakespeare"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing run folder of the same name"})
@@ -80,6 +84,8 @@ class TrainConfig:
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 where supported, else float32), "
                                                          "float32, bfloat16 or float16 (CUDA only)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    fsdp: bool = field(default=False, metadata={"help": "shard parameters, gradients and optimizer state over processes "
+                                                        "with FSDP2 (under torchrun) instead of replicating them with DDP"})
     threads: int = field(default=0, metadata={"help": "CPU threads per process (0: torch's default)"})
     # evaluation, checkpoints, logs
     eval_interval: int = field(default=500, metadata={"help": "steps between validation runs (0: only at the end)"})
@@ -222,7 +228,8 @@ def resolve_dtype(name, device_type):
 
 def setup_runtime(device="auto", dtype="auto", seed=1337, threads=0):
     """Join the process group when started by torchrun (NCCL on CUDA, gloo otherwise), pick this process's
-    device (by local rank) and dtype, and seed torch differently on every rank."""
+    device (by local rank) and dtype, and seed torch and random the same on every rank (so every rank
+    builds the same initial weights; reseed per rank afterwards where randomness should differ)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device_type = resolve_device(device)
@@ -237,8 +244,8 @@ def setup_runtime(device="auto", dtype="auto", seed=1337, threads=0):
     runtime = Runtime(rank, local_rank, world_size,
                       torch.device(device_type, local_rank) if device_type == "cuda" else torch.device(device_type),
                       resolve_dtype(dtype, device_type))
-    torch.manual_seed(seed + rank)
-    random.seed(seed + rank)
+    torch.manual_seed(seed)
+    random.seed(seed)
     return runtime
 
 
@@ -496,6 +503,8 @@ def clip_and_step(model, optimizers, grad_clip, scaler=None):
             scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns the norm as a replicated DTensor
+        grad_norm = grad_norm.full_tensor()
     skipped = not torch.isfinite(grad_norm).item()
     if scaler is not None:
         for optimizer in optimizers:
@@ -513,6 +522,24 @@ def unwrap(model):
     """The plain GPT module inside DDP and torch.compile wrappers."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
+
+
+def shard_model(model, runtime):
+    """FSDP2: shard each block, then the root (embeddings, final norm, head), over all processes. With
+    bfloat16/float16, parameters are gathered in that dtype and gradients reduced in float32."""
+    if not runtime.distributed:
+        raise ValueError("--fsdp shards over several processes; start the run with torchrun --nproc_per_node N")
+    policy = MixedPrecisionPolicy(param_dtype=runtime.dtype, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def parameters_finite(model, runtime):
+    """True when no rank holds a NaN or inf parameter (each rank checks its own shard under FSDP)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    bad = sum(int(not torch.isfinite(p).all()) for p in local)
+    return all_reduce_sum(torch.tensor(float(bad), device=runtime.device), runtime).item() == 0
 
 
 @torch.no_grad()
@@ -559,33 +586,53 @@ def gather_rng_states(runtime):
     return states
 
 
-def save_checkpoint(run_dir, step, model, config, tokenizer_file, train_state=None, keep_last=0):
+def gather_full_state(model, optimizers):
+    """The full model and optimizer state dicts, keyed by parameter name, on rank 0 (other ranks get empty ones).
+
+    Sharded (FSDP2) and replicated runs both save full tensors gathered to rank 0, so every checkpoint is
+    a plain model.pt that one process loads, and a run can resume with or without --fsdp. The cost is
+    one host holding the whole state while saving, which is fine at the sizes this project trains;
+    torch.distributed.checkpoint's sharded format would remove that limit but not load as a plain file.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optimizer_state = get_optimizer_state_dict(model, optimizers, options=options)
+    return model_state, optimizer_state
+
+
+def save_checkpoint(run_dir, step, model_state, config, tokenizer_file, train_state=None, keep_last=0):
     """Write run_dir/step-NNNNNN atomically: files go to a temporary folder that is renamed into place, then
-    older checkpoints beyond keep_last are deleted. Call on the main process only."""
+    checkpoints older than the newest keep_last are deleted. Call on the main process only."""
     run_dir = Path(run_dir)
     final = run_dir / f"step-{step:06d}"
     tmp = run_dir / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_checkpoint_files(tmp, clean_state_dict(model), config)
+    write_checkpoint_files(tmp, model_state, config)
     shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
     if train_state is not None:
         torch.save(train_state, tmp / "train_state.pt")
         with open(tmp / "train_state.pt", "rb") as f:
             os.fsync(f.fileno())
-    if final.exists():  # the same step saved again (a resumed run): move the old copy aside first
-        old = run_dir / f".old-step-{step:06d}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        shutil.rmtree(old)
+    if final.exists():  # the same step saved again (a resumed run)
+        remove_checkpoint(final)
     os.rename(tmp, final)
     fd = os.open(run_dir, os.O_RDONLY)
     os.fsync(fd)   # make the rename itself durable
     os.close(fd)
     if keep_last:
-        for old in sorted(run_dir.glob("step-*"))[:-keep_last]:
-            shutil.rmtree(old)
+        steps = sorted(run_dir.glob("step-*"), key=lambda p: int(p.name.removeprefix("step-")))
+        for old in steps[:-keep_last]:
+            remove_checkpoint(old)
     return final
+
+
+def remove_checkpoint(path):
+    """Rename a checkpoint out of sight first, so a crash mid-delete never leaves a partial step-* folder."""
+    hidden = path.with_name(".old-" + path.name)
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.rename(path, hidden)
+    shutil.rmtree(hidden)
 
 
 def load_train_state(checkpoint_dir, device="cpu"):
@@ -637,7 +684,7 @@ def resolve_settings(cfg, model_args, given):
     for name, value in saved["model"].items():
         if name in given and model_args.get(name) != value:
             raise ValueError(f"--resume {run_dir}: the run has {name}={value!r} but --{name.replace('_', '-')} "
-                             f"is {model_args[name]!r}; drop the flag, or start a new run with --run")
+                             f"is {model_args[name]!r}; drop the flag, or start a new run with --run-name")
     model_args = {k: v for k, v in saved["model"].items() if k != "vocab_size"}
     train_values = {**saved["train"], **{k: v for k, v in asdict(cfg).items() if k in given}}
     train_values["resume"] = cfg.resume
@@ -645,14 +692,14 @@ def resolve_settings(cfg, model_args, given):
 
 
 def prepare_run_dir(cfg, data_dir):
-    run_dir = Path(cfg.resume) if cfg.resume else Path(cfg.out_dir) / (cfg.run or data_dir.name)
+    run_dir = Path(cfg.resume) if cfg.resume else Path(cfg.out_dir) / (cfg.run_name or data_dir.name)
     if not cfg.resume and run_dir.exists() and any(run_dir.iterdir()):
         if not cfg.overwrite:
             raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
-                             "pick another --run name, or pass --overwrite to replace it")
+                             "pick another --run-name, or pass --overwrite to replace it")
         shutil.rmtree(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"{run_dir} exists and is not a folder; choose another --run or --out-dir")
+        raise ValueError(f"{run_dir} exists and is not a folder; choose another --run-name or --out-dir")
     return run_dir
 
 
@@ -683,15 +730,18 @@ def pretrain(cfg, model_args, given):
 
     # Model, optimizer, state
     model = GPT(model_config).to(runtime.device)
+    torch.manual_seed(cfg.seed + runtime.rank)   # dropout masks differ between ranks
+    if cfg.fsdp:
+        shard_model(model, runtime)
     optimizers = build_optimizers(model, cfg, runtime.device.type)
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.dtype == torch.float16 else None
     start_step = 0
     if resume_from is not None:
-        state = torch.load(resume_from / "model.pt", map_location=runtime.device, weights_only=True)
-        model.load_state_dict(state)
-        train_state = load_train_state(resume_from, runtime.device)
-        for optimizer, saved in zip(optimizers, train_state["optimizers"]):
-            optimizer.load_state_dict(saved)
+        # Every rank reads the checkpoint, so on several nodes the run folder must be on a shared filesystem.
+        state = torch.load(resume_from / "model.pt", map_location="cpu", weights_only=True)
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        train_state = load_train_state(resume_from)
+        set_optimizer_state_dict(model, optimizers, train_state["optimizer"], options=StateDictOptions(full_state_dict=True))
         if scaler is not None and train_state.get("scaler"):
             scaler.load_state_dict(train_state["scaler"])
         start_step = train_state["step"]
@@ -699,7 +749,7 @@ def pretrain(cfg, model_args, given):
         set_rng_state(rng_states[runtime.rank] if runtime.rank < len(rng_states) else rng_states[0])
     run_dir = prepare_run_dir(cfg, data_dir)
     train_model = torch.compile(model) if cfg.compile else model
-    if runtime.distributed:
+    if runtime.distributed and not cfg.fsdp:
         train_model = DDP(train_model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None)
 
     byte_lengths = torch.tensor([len(b) for b in tokenizer.token_bytes], device=runtime.device)
@@ -709,7 +759,9 @@ def pretrain(cfg, model_args, given):
                 "world_size": runtime.world_size, "grad_accum": grad_accum}
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "run.json").write_text(json.dumps(settings, indent=2) + "\n")
+        tmp = run_dir / ".run.json.tmp"
+        tmp.write_text(json.dumps(settings, indent=2) + "\n")
+        os.replace(tmp, run_dir / "run.json")
     print0(runtime, f"run {run_dir} | data {data_dir} ({len(data.train):,} train / {len(data.val):,} val tokens, "
                     f"tokenizer {tokenizer.kind}, vocab {tokenizer.vocab_size})")
     print0(runtime, f"model: {model.num_params():,} parameters ({model.num_params(active=True):,} active), "
@@ -728,11 +780,15 @@ def pretrain(cfg, model_args, given):
                      "tokenizer": {"kind": tokenizer.kind, "hash": tokenizer.hash, "file": "tokenizer.json"}}
 
     def checkpoint(step):
+        if not parameters_finite(model, runtime):
+            raise ValueError(f"the parameters hold NaN or inf at step {step}, so no checkpoint was written; "
+                             "resume from the last checkpoint with a lower --lr")
         rng_states = gather_rng_states(runtime)
+        model_state, optimizer_state = gather_full_state(model, optimizers)
         if runtime.is_main:
-            train_state = {"step": step, "optimizers": [o.state_dict() for o in optimizers],
+            train_state = {"step": step, "optimizer": optimizer_state,
                            "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_states}
-            save_checkpoint(run_dir, step, model, {**config_record, "step": step}, data_dir / "tokenizer.json",
+            save_checkpoint(run_dir, step, model_state, {**config_record, "step": step}, data_dir / "tokenizer.json",
                             train_state, cfg.keep_last)
         if runtime.distributed:
             dist.barrier()
@@ -752,7 +808,7 @@ def pretrain(cfg, model_args, given):
         bad_steps = bad_steps + 1 if result.skipped else 0
         if bad_steps >= cfg.max_bad_steps:
             raise ValueError(f"{bad_steps} consecutive steps had a non-finite loss or gradient (step {step + 1}); "
-                             "lower --lr or use --dtype float32, then resume from the last checkpoint")
+                             "lower --lr, then resume from the last checkpoint")
 
         done = step + 1
         if done % cfg.log_interval == 0 or done == cfg.max_steps:
@@ -782,11 +838,12 @@ def pretrain(cfg, model_args, given):
             checkpoint(done)
             window_start = time.perf_counter()
 
-    if runtime.is_main and cfg.sample_tokens:
+    # A sharded model needs every rank in each forward, so under FSDP all ranks generate; rank 0 prints.
+    if cfg.sample_tokens and (runtime.is_main or cfg.fsdp):
         prompt = torch.tensor([[tokenizer.eot_id]], device=runtime.device)
         with autocast(runtime):
             out = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=50)
-        print("\n--- sample ---\n" + tokenizer.decode(out[0, 1:].tolist()) + "\n--------------", flush=True)
+        print0(runtime, "\n--- sample ---\n" + tokenizer.decode(out[0, 1:].tolist()) + "\n--------------")
     if runtime.distributed:
         dist.destroy_process_group()
     return run_dir

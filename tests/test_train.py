@@ -203,7 +203,7 @@ def assert_clean_error(result, needle):
 def test_resume_continues_exactly(tmp_path, token_dir):
     """20 steps straight equal 10 steps, a stop, and 10 more in a new process (dropout on, so RNG state counts)."""
     args = ["--data", str(token_dir), *TINY, "--max-steps", "20", "--log-interval", "1", "--dropout", "0.1",
-            "--ckpt-interval", "10", "--run", "straight"]
+            "--ckpt-interval", "10", "--run-name", "straight"]
     straight = run_script("train.py", args, tmp_path)
     assert straight.returncode == 0, straight.stderr
 
@@ -284,7 +284,7 @@ def test_bfloat16_first_loss_close_to_float32(tmp_path, token_dir):
     first_losses = {}
     for dtype in ("float32", "bfloat16"):
         result = run_script("train.py", ["--data", str(token_dir), *TINY, "--max-steps", "2", "--log-interval", "1",
-                                         "--dtype", dtype, "--run", dtype], tmp_path)
+                                         "--dtype", dtype, "--run-name", dtype], tmp_path)
         assert result.returncode == 0, result.stderr
         first_losses[dtype] = read_log(tmp_path / "out" / dtype)[0]["loss"]
         sampled = run_script("sample.py", ["--ckpt", str(tmp_path / "out" / dtype), "--dtype", dtype,
@@ -320,6 +320,16 @@ def test_bad_training_inputs(tmp_path, token_dir):
         result = run_script("train.py", args, tmp_path)
         assert_clean_error(result, needle)
     assert not (tmp_path / "out").exists()
+
+
+def test_consecutive_non_finite_steps_stop_run(tmp_path, token_dir):
+    # A learning rate of 1e30 makes the first update blow up the weights, so every later gradient is NaN.
+    result = run_script("train.py", ["--data", str(token_dir), *TINY, "--max-steps", "20", "--lr", "1e30",
+                                     "--warmup-steps", "0", "--max-bad-steps", "3", "--log-interval", "1"], tmp_path)
+    assert_clean_error(result, "3 consecutive steps")
+    records = read_log(tmp_path / "out" / "char")
+    assert [r["skipped"] for r in records] == [False, True, True]
+    assert not list((tmp_path / "out" / "char").glob("step-*"))
 
 
 def test_resume_rejects_other_model_config(tmp_path, token_dir):
