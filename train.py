@@ -691,15 +691,20 @@ def resolve_settings(cfg, model_args, given):
     return TrainConfig(**train_values), model_args, checkpoint
 
 
-def prepare_run_dir(cfg, data_dir):
+def prepare_run_dir(cfg, data_dir, runtime):
+    """Pick the run folder; refuse to overwrite an existing run unless asked. On resume, delete the
+    temporary folders a crash may have left behind mid-save."""
     run_dir = Path(cfg.resume) if cfg.resume else Path(cfg.out_dir) / (cfg.run_name or data_dir.name)
-    if not cfg.resume and run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.overwrite:
-            raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
-                             "pick another --run-name, or pass --overwrite to replace it")
-        shutil.rmtree(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"{run_dir} exists and is not a folder; choose another --run-name or --out-dir")
+    if not cfg.resume and run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
+        raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
+                         "pick another --run-name, or pass --overwrite to replace it")
+    if runtime.is_main and run_dir.exists():
+        if not cfg.resume:
+            shutil.rmtree(run_dir)
+        for leftover in [*run_dir.glob(".tmp-step-*"), *run_dir.glob(".old-step-*")]:
+            shutil.rmtree(leftover)
     return run_dir
 
 
@@ -747,7 +752,7 @@ def pretrain(cfg, model_args, given):
         start_step = train_state["step"]
         rng_states = train_state["rng"]
         set_rng_state(rng_states[runtime.rank] if runtime.rank < len(rng_states) else rng_states[0])
-    run_dir = prepare_run_dir(cfg, data_dir)
+    run_dir = prepare_run_dir(cfg, data_dir, runtime)
     train_model = torch.compile(model) if cfg.compile else model
     if runtime.distributed and not cfg.fsdp:
         train_model = DDP(train_model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None)
