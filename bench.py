@@ -1,6 +1,10 @@
 """Benchmarks for llm-stages; each subcommand measures one stage and prints Markdown for BENCHMARKS.md.
 
     python bench.py tokenizer    # BPE training time: fast trainer against the naive reference
+    python bench.py throughput   # training tokens/s and MFU on nanoGPT's CPU demo configuration (P1)
+    python bench.py recipe       # validation loss against wall-clock seconds of the main job (P2)
+    python bench.py generate     # generation tokens/s with the KV cache against full recompute (P3)
+    python bench.py memory       # peak resident memory of training on small and large corpora
 
 Data locations come from flags whose defaults are under $LLM_STAGES_DATA (else ./data).
 """
@@ -9,6 +13,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -71,6 +76,144 @@ def bench_tokenizer(args) -> None:
     row(f"{len(novels)} Gutenberg novels", novels, 8192, "fast (train_bpe)", seconds, merges)
 
 
+def shakespeare_tokens(args) -> Path:
+    """Char-level token files of Tiny Shakespeare (90/10 split), made once under data/tokens/."""
+    import tokenizer as tk
+    out = Path("data/tokens/bench-shakespeare-char")
+    if not (out / "meta.json").is_file():
+        tk.encode_corpus(tk.build_char_tokenizer([Path(args.shakespeare)]), [args.shakespeare], out, force=True)
+    return out
+
+
+def bench_throughput(args) -> None:
+    """Training tokens/s and MFU on nanoGPT's CPU demo configuration (P1).
+
+    The configuration is nanoGPT's shakespeare_char on CPU: 4 layers, 4 heads, width 128, context 64,
+    batch 12, learned positions, LayerNorm, GELU, no biases, tied embeddings. Each run times
+    args.steps optimizer steps of train.py's own train_step after args.warmup steps; MFU divides the
+    model's FLOPs per token times tokens/s by the measured peak of a 1024x1024 matmul in that dtype.
+    """
+    import torch
+    import train
+    from model import GPT, GPTConfig
+
+    data_dir = shakespeare_tokens(args)
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"median of {args.runs} runs of {args.steps} steps\n")
+    print("| dtype | compile | ms per step | tokens/s | MFU | matmul peak (GFLOP/s) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for dtype in ("float32", "bfloat16"):
+        for compile_model in (False, True):
+            runtime = train.Runtime(dtype=getattr(torch, dtype))
+            cfg = train.TrainConfig(lr=1e-3, weight_decay=0.1, beta2=0.99)
+            times = []
+            for run in range(args.runs):
+                torch.manual_seed(run)
+                model = GPT(GPTConfig(vocab_size=72, context_len=64, n_layer=4, n_head=4, n_embd=128, pos="learned",
+                                      norm="layernorm", mlp="gelu", dropout=0.0, bias=False))
+                step_model = torch.compile(model) if compile_model else model
+                optimizers = train.build_optimizers(model, cfg, "cpu")
+                data = train.TokenData(data_dir, 64, runtime.device)
+                for step in range(args.warmup + args.steps):
+                    if step == args.warmup:
+                        start = time.perf_counter()
+                    batch = data.train_batch(run, step, 0, 12)
+                    train.train_step(step_model, [batch], optimizers, runtime, grad_clip=1.0)
+                times.append((time.perf_counter() - start) / args.steps)
+            seconds = statistics.median(times)
+            tokens_per_s = 12 * 64 / seconds
+            peak = train.measure_matmul_peak(runtime.device, runtime.dtype)
+            mfu = model.flops_per_token(64) * tokens_per_s / peak
+            print(f"| {dtype} | {'yes' if compile_model else 'no'} | {1000 * seconds:.1f} | {tokens_per_s:,.0f} | "
+                  f"{100 * mfu:.1f}% | {peak / 1e9:.0f} |", flush=True)
+
+
+def run_train_script(extra_args, cwd="."):
+    """Run train.py in a subprocess; return (wall seconds, peak resident memory in MB of the child)."""
+    import resource
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(Path(__file__).parent / "train.py"), *extra_args], cwd=cwd, check=True)
+    seconds = time.perf_counter() - start
+    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def bench_recipe(args) -> None:
+    """Validation loss against training seconds of the main job's default recipe (P2), over args.runs seeds.
+
+    Runs `python train.py` with its defaults (plus the given seed and an evaluation every
+    args.eval_interval steps) and reads val_loss and train_seconds (time spent in training steps,
+    evaluation excluded) from its log.jsonl.
+    """
+    import json
+    shakespeare_tokens(args)
+    finals = []
+    for seed in range(args.runs):
+        run = f"bench-recipe-{seed}"
+        run_train_script(["--data", "data/tokens/bench-shakespeare-char", "--seed", str(seed), "--run-name", run,
+                          "--overwrite", "--eval-interval", str(args.eval_interval), "--sample-tokens", "0",
+                          *args.train_args])
+        records = [json.loads(line) for line in Path("out", run, "log.jsonl").read_text().splitlines()]
+        evals = [r for r in records if "val_loss" in r]
+        print(f"seed {seed}: " + ", ".join(f"{r['train_seconds']:.0f}s {r['val_loss']:.4f}" for r in evals), flush=True)
+        finals.append((evals[-1]["val_loss"], evals[-1]["train_seconds"]))
+    losses = sorted(loss for loss, _ in finals)
+    print(f"\nfinal validation loss: median {statistics.median(losses):.4f} (min {losses[0]:.4f}, max {losses[-1]:.4f}); "
+          f"median training time {statistics.median(s for _, s in finals):.1f} s")
+
+
+def bench_generate(args) -> None:
+    """Generation tokens/s with the KV cache against recomputing the whole context for every token (P3).
+
+    The same random-weight model (the main job's shape, context 256) generates args.tokens tokens
+    greedily from a 1-token prompt; without the cache each step runs the full forward on the last
+    context_len tokens.
+    """
+    import torch
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=72, context_len=256, n_layer=4, n_head=4, n_embd=128)).eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+
+    @torch.no_grad()
+    def recompute():
+        ids = prompt
+        for _ in range(args.tokens):
+            logits, _ = model(ids[:, -model.config.context_len:])
+            ids = torch.cat((ids, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+        return ids
+
+    cached_seconds, cached = median_seconds(lambda: model.generate(prompt, args.tokens, temperature=0.0), args.runs)
+    full_seconds, full = median_seconds(recompute, args.runs)
+    same = torch.equal(cached[:, :257], full[:, :257])  # identical until the cache is rebuilt past the context
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; {args.tokens} new tokens, context 256, median of {args.runs} runs\n")
+    print("| method | seconds | tokens/s |")
+    print("| --- | ---: | ---: |")
+    print(f"| KV cache | {cached_seconds:.2f} | {args.tokens / cached_seconds:,.0f} |")
+    print(f"| full recompute | {full_seconds:.2f} | {args.tokens / full_seconds:,.0f} |")
+    print(f"\nspeed-up {full_seconds / cached_seconds:.1f}x; outputs identical over the first 256 tokens: {same}")
+
+
+def bench_memory(args) -> None:
+    """Peak resident memory of a short training run on Tiny Shakespeare and on all Gutenberg novels.
+
+    Token files are memory-mapped, so memory should not grow with the corpus. Each run is a fresh
+    process (ru_maxrss of the children is cumulative, so the larger corpus runs second).
+    """
+    import tokenizer as tk
+    shakespeare = shakespeare_tokens(args)
+    novels = Path("data/tokens/bench-gutenberg-gpt2")
+    if not (novels / "meta.json").is_file():
+        tk.encode_corpus(tk.load_tokenizer("gpt2", args.gpt2_files), [args.gutenberg], novels, force=True)
+    print("| corpus | train tokens | peak RSS (MB) |")
+    print("| --- | ---: | ---: |")
+    import json
+    for folder in (shakespeare, novels):
+        meta = json.loads((folder / "meta.json").read_text())
+        _, peak = run_train_script(["--data", str(folder), "--max-steps", "50", "--run-name", "bench-memory", "--overwrite",
+                                    "--sample-tokens", "0", "--eval-tokens", "8192", "--n-embd", "128", "--n-layer", "4"])
+        print(f"| {folder.name} | {meta['train_tokens']:,} | {peak:.0f} |", flush=True)
+
+
 def main() -> None:
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=formatter)
@@ -84,6 +227,24 @@ def main() -> None:
     tokenizer.add_argument("--naive-runs", type=int, default=3,
                            help="runs of the naive trainer (minutes each); 0 skips it")
     tokenizer.set_defaults(run=bench_tokenizer)
+
+    throughput = commands.add_parser("throughput", help="training tokens/s and MFU (P1)", formatter_class=formatter)
+    throughput.add_argument("--steps", type=int, default=100, help="timed steps per run")
+    throughput.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation happens here)")
+    throughput.add_argument("--runs", type=int, default=3, help="runs per setting (the median is reported)")
+    recipe = commands.add_parser("recipe", help="validation loss against time of the main job (P2)", formatter_class=formatter)
+    recipe.add_argument("--runs", type=int, default=3, help="seeds (the median final loss is reported)")
+    recipe.add_argument("--eval-interval", type=int, default=250, help="steps between validation evaluations")
+    recipe.add_argument("train_args", nargs="*", help="extra train.py flags (after --)")
+    generate = commands.add_parser("generate", help="KV cache against full recompute (P3)", formatter_class=formatter)
+    generate.add_argument("--tokens", type=int, default=500, help="new tokens per run")
+    generate.add_argument("--runs", type=int, default=3, help="runs (the median is reported)")
+    memory = commands.add_parser("memory", help="peak memory against corpus size", formatter_class=formatter)
+    memory.add_argument("--gutenberg", default=str(DATA / "gutenberg"), help="folder of Gutenberg novels (*.txt)")
+    memory.add_argument("--gpt2-files", default=str(DATA / "gpt2_bpe"), help="GPT-2 tokenizer files")
+    for command, run in ((throughput, bench_throughput), (recipe, bench_recipe), (generate, bench_generate), (memory, bench_memory)):
+        command.add_argument("--shakespeare", default=str(DATA / "tinyshakespeare" / "input.txt"), help="Tiny Shakespeare text file")
+        command.set_defaults(run=run)
 
     args = parser.parse_args()
     args.run(args)

@@ -804,8 +804,8 @@ def pretrain(cfg, model_args, given):
     step_times = []
     for step in range(start_step, cfg.max_steps):
         set_lr(optimizers, lr_multiplier(step, cfg))
-        batches = [data.train_batch(cfg.seed, step, runtime.rank * grad_accum + i, cfg.batch_size) for i in range(grad_accum)]
         step_start = time.perf_counter()
+        batches = [data.train_batch(cfg.seed, step, runtime.rank * grad_accum + i, cfg.batch_size) for i in range(grad_accum)]
         result = train_step(train_model, batches, optimizers, runtime, cfg.grad_clip, scaler)
         step_times.append(time.perf_counter() - step_start)
         window_tokens += total
@@ -824,7 +824,7 @@ def pretrain(cfg, model_args, given):
             left = (cfg.max_steps - done) * sum(recent) / len(recent)
             record = {"step": done, "loss": result.loss, "lr": optimizers[0].param_groups[0]["lr"],
                       "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                      "skipped": result.skipped, "time": time.time()}
+                      "skipped": result.skipped, "train_seconds": sum(step_times), "time": time.time()}
             extra = ""
             if model.balance_loss is not None:
                 record["moe_balance"] = model.balance_loss.item()
@@ -836,7 +836,8 @@ def pretrain(cfg, model_args, given):
 
         if (cfg.eval_interval and done % cfg.eval_interval == 0) or done == cfg.max_steps:
             val_loss, val_bpb = evaluate(train_model, data, runtime, cfg.batch_size, cfg.eval_tokens, byte_lengths)
-            log.write({"step": done, "val_loss": val_loss, "val_bpb": val_bpb, "time": time.time()},
+            log.write({"step": done, "val_loss": val_loss, "val_bpb": val_bpb, "train_seconds": sum(step_times),
+                       "time": time.time()},
                       f"step {done:>6} | val loss {val_loss:.4f} | val bits/byte {val_bpb:.4f}")
             window_start = time.perf_counter()
         if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == cfg.max_steps:
