@@ -5,6 +5,7 @@
     python bench.py recipe       # validation loss against wall-clock seconds of the main job (P2)
     python bench.py generate     # generation tokens/s with the KV cache against full recompute (P3)
     python bench.py memory       # peak resident memory of training on small and large corpora
+    torchrun --nproc_per_node=N bench.py gpu   # GPT-2 124M with bf16, torch.compile and NCCL DDP (CUDA only)
 
 Data locations come from flags whose defaults are under $LLM_STAGES_DATA (else ./data).
 """
@@ -214,6 +215,45 @@ def bench_memory(args) -> None:
         print(f"| {folder.name} | {meta['train_tokens']:,} | {peak:.0f} |", flush=True)
 
 
+def bench_gpu(args) -> None:
+    """GPT-2 124M training throughput on CUDA: bf16 autocast, torch.compile and NCCL DDP under torchrun.
+
+    Random tokens stand in for data (throughput does not depend on them). MFU divides FLOPs per token
+    (PaLM's 6N + 12LdT) times tokens/s by the measured peak of an 8192x8192 bf16 matmul on one GPU,
+    times the number of GPUs.
+    """
+    import torch
+    import train
+    from model import GPT, GPTConfig
+    if not torch.cuda.is_available():
+        raise SystemExit("error: bench.py gpu needs a CUDA GPU; run it on a GPU machine (under torchrun for DDP)")
+    runtime = train.setup_runtime("cuda", "bfloat16", seed=0)
+    config = GPTConfig(vocab_size=50304, context_len=1024, n_layer=12, n_head=12, n_embd=768, pos="learned",
+                       norm="layernorm", mlp="gelu", bias=True)
+    model = GPT(config).to(runtime.device)
+    optimizers = train.build_optimizers(model, train.TrainConfig(lr=6e-4), "cuda")
+    step_model = torch.compile(model)
+    if runtime.distributed:
+        step_model = torch.nn.parallel.DistributedDataParallel(step_model, device_ids=[runtime.local_rank])
+    generator = torch.Generator(device=runtime.device).manual_seed(runtime.rank)
+    batch = torch.randint(0, config.vocab_size, (args.batch_size, config.context_len + 1), device=runtime.device, generator=generator)
+    batches = [(batch[:, :-1], batch[:, 1:])] * args.grad_accum
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+        result = train.train_step(step_model, batches, optimizers, runtime, grad_clip=1.0)
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / args.steps
+    tokens_per_s = args.batch_size * config.context_len * args.grad_accum * runtime.world_size / seconds
+    peak = train.measure_matmul_peak(runtime.device, torch.bfloat16, size=8192)
+    mfu = model.flops_per_token(config.context_len) * tokens_per_s / (peak * runtime.world_size)
+    train.print0(runtime, f"{torch.cuda.get_device_name()} x {runtime.world_size}: GPT-2 124M, bf16, compiled, "
+                          f"{'DDP' if runtime.distributed else 'one process'}; {1000 * seconds:.0f} ms per step, "
+                          f"{tokens_per_s:,.0f} tokens/s, MFU {100 * mfu:.1f}% of a measured {peak / 1e12:.0f} TFLOP/s "
+                          f"bf16 matmul peak per GPU; last loss {result.loss:.3f}")
+
+
 def main() -> None:
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=formatter)
@@ -242,6 +282,12 @@ def main() -> None:
     memory = commands.add_parser("memory", help="peak memory against corpus size", formatter_class=formatter)
     memory.add_argument("--gutenberg", default=str(DATA / "gutenberg"), help="folder of Gutenberg novels (*.txt)")
     memory.add_argument("--gpt2-files", default=str(DATA / "gpt2_bpe"), help="GPT-2 tokenizer files")
+    gpu = commands.add_parser("gpu", help="GPT-2 124M on CUDA with bf16, compile and DDP", formatter_class=formatter)
+    gpu.add_argument("--steps", type=int, default=30, help="timed steps")
+    gpu.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
+    gpu.add_argument("--batch-size", type=int, default=16, help="sequences of 1024 tokens per micro-batch")
+    gpu.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step")
+    gpu.set_defaults(run=bench_gpu)
     for command, run in ((throughput, bench_throughput), (recipe, bench_recipe), (generate, bench_generate), (memory, bench_memory)):
         command.add_argument("--shakespeare", default=str(DATA / "tinyshakespeare" / "input.txt"), help="Tiny Shakespeare text file")
         command.set_defaults(run=run)
