@@ -655,14 +655,22 @@ def read_checkpoint_config(path):
     return directory, config
 
 
+def load_tensor_file(path, device="cpu"):
+    """torch.load with weights_only=True (tensors and plain containers only, so no code runs), raising
+    ValueError for a truncated or foreign file."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch raises RuntimeError, pickle errors and others for damaged files
+        raise ValueError(f"{path} could not be read ({type(e).__name__}); the checkpoint is damaged or not a torch file") from None
+
+
 def load_checkpoint(path, device="cpu"):
     """Load a checkpoint directory (or a run folder's newest checkpoint). Returns (model, config dict)."""
     directory, config = read_checkpoint_config(path)
     model = GPT(GPTConfig.from_dict(config["model"]))
-    try:
-        state = torch.load(directory / "model.pt", map_location=device, weights_only=True)
-    except Exception as e:  # torch raises RuntimeError or pickle errors for a truncated or foreign file
-        raise ValueError(f"{directory / 'model.pt'} could not be read ({type(e).__name__}); the checkpoint is damaged") from None
+    state = load_tensor_file(directory / "model.pt", device)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -813,7 +813,14 @@ def read_token_meta(out_dir) -> dict:
     path = Path(out_dir) / "meta.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; write the token files with tokenizer.py encode --out {out_dir}")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); encode the text again") from None
+    missing = [key for key in ("dtype", "train_tokens", "val_tokens", "tokenizer_hash") if key not in meta]
+    if missing:
+        raise ValueError(f"{path} lacks the fields {missing}; encode the text again with tokenizer.py encode")
+    return meta
 
 
 def load_tokens(out_dir, split: str) -> np.memmap:
@@ -823,8 +830,14 @@ def load_tokens(out_dir, split: str) -> np.memmap:
     """
     if split not in ("train", "val"):
         raise ValueError(f"unknown split {split!r}; use train or val")
-    dtype = np.dtype(read_token_meta(out_dir)["dtype"])
+    meta = read_token_meta(out_dir)
+    dtype = np.dtype(meta["dtype"])
     path = Path(out_dir) / f"{split}.bin"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; write the token files again with tokenizer.py encode --out {out_dir}")
+    if path.stat().st_size != meta[f"{split}_tokens"] * dtype.itemsize:
+        raise ValueError(f"{path} holds {path.stat().st_size} bytes but meta.json lists {meta[f'{split}_tokens']} "
+                         f"{dtype.name} tokens; the file is truncated or stale, so encode the text again")
     if path.stat().st_size == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")

@@ -37,7 +37,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tokenizer as tok
-from model import GPT, GPTConfig, IGNORE_INDEX, find_checkpoint, read_checkpoint_config, write_checkpoint_files
+from model import GPT, GPTConfig, IGNORE_INDEX, find_checkpoint, load_tensor_file, read_checkpoint_config, write_checkpoint_files
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DEFAULT_INPUT = Path("data/tinyshakespeare/input.txt")
@@ -639,10 +639,7 @@ def load_train_state(checkpoint_dir, device="cpu"):
     path = Path(checkpoint_dir) / "train_state.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: this checkpoint cannot resume training (it has no optimizer state)")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated or foreign files raise various pickle and runtime errors
-        raise ValueError(f"{path} could not be read ({type(e).__name__}); the checkpoint is damaged") from None
+    return load_tensor_file(path, device)
 
 
 class RunLog:
@@ -695,6 +692,7 @@ def prepare_run_dir(cfg, data_dir, runtime):
     """Pick the run folder; refuse to overwrite an existing run unless asked. On resume, delete the
     temporary folders a crash may have left behind mid-save."""
     run_dir = Path(cfg.resume) if cfg.resume else Path(cfg.out_dir) / (cfg.run_name or data_dir.name)
+    tok.check_output_path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"{run_dir} exists and is not a folder; choose another --run-name or --out-dir")
     if not cfg.resume and run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
@@ -743,8 +741,11 @@ def pretrain(cfg, model_args, given):
     start_step = 0
     if resume_from is not None:
         # Every rank reads the checkpoint, so on several nodes the run folder must be on a shared filesystem.
-        state = torch.load(resume_from / "model.pt", map_location="cpu", weights_only=True)
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        state = load_tensor_file(resume_from / "model.pt")
+        try:
+            set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        except (RuntimeError, KeyError) as e:
+            raise ValueError(f"{resume_from / 'model.pt'} does not match the run's model config ({str(e).splitlines()[0]})") from None
         train_state = load_train_state(resume_from)
         set_optimizer_state_dict(model, optimizers, train_state["optimizer"], options=StateDictOptions(full_state_dict=True))
         if scaler is not None and train_state.get("scaler"):
