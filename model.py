@@ -513,8 +513,8 @@ class GPT(nn.Module):
         Prompts of different lengths are left-padded, with pad_mask (B, T) True on real tokens. A row that
         emits eos_id keeps emitting it, and generation stops when every row has. When the sequence
         outgrows context_len, the cache is rebuilt from the last context_len // 2 tokens, so the model
-        never sees more context than it was trained on. on_token(ids (B,)) is called after each step.
-        Returns (B, T + new) ids.
+        never sees more context than it was trained on. on_token(ids (B,)) is called after each step and
+        ends generation by returning True. Returns (B, T + new) ids.
         """
         B = idx.size(0)
         tokens = idx
@@ -529,9 +529,8 @@ class GPT(nn.Module):
                 done |= next_ids == eos_id
             tokens = torch.cat((tokens, next_ids[:, None]), dim=1)
             valid = torch.cat((valid, torch.ones_like(valid[:, :1])), dim=1)
-            if on_token is not None:
-                on_token(next_ids)
-            if bool(done.all()):
+            stop = on_token(next_ids) if on_token is not None else False
+            if stop or bool(done.all()):
                 break
             if kv_cache.seq_len >= self.config.context_len:
                 keep = self.config.context_len // 2
