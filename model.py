@@ -10,7 +10,7 @@ from the project; train.py, sample.py and the other stages build on it.
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch

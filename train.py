@@ -249,6 +249,14 @@ def setup_runtime(device="auto", dtype="auto", seed=1337, threads=0):
     return runtime
 
 
+def shutdown_runtime(runtime):
+    """Leave the process group once every rank is done: a gloo rank that exits while another is still
+    finishing its work can abort with SIGABRT."""
+    if runtime.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def autocast(runtime):
     """Mixed precision for the forward pass; float32 runs without autocast."""
     if runtime.dtype == torch.float32:
@@ -851,8 +859,7 @@ def pretrain(cfg, model_args, given):
         with autocast(runtime):
             out = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=50)
         print0(runtime, "\n--- sample ---\n" + tokenizer.decode(out[0, 1:].tolist()) + "\n--------------")
-    if runtime.distributed:
-        dist.destroy_process_group()
+    shutdown_runtime(runtime)
     return run_dir
 
 

@@ -85,6 +85,7 @@ with torch.no_grad():
 model_state, _ = train.gather_full_state(model, optimizers)
 if runtime.is_main:
     torch.save({{"logits": logits, "idx": idx, "state": model_state}}, {out!r})
+train.shutdown_runtime(runtime)
 """
 
 

@@ -1,6 +1,5 @@
 """Sampling: top-k/top-p filtering, temperature, batched left-padded generation, the sample.py CLI."""
 import io
-import math
 
 import pytest
 import torch

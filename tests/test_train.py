@@ -4,7 +4,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -245,6 +244,7 @@ result = train.train_step(wrapped, batches, [torch.optim.SGD(model.parameters(),
 if runtime.is_main:
     grads = {{n: before[n] - p.detach() for n, p in model.named_parameters()}}
     torch.save({{"loss": result.loss, "n": result.n_targets, "grads": grads}}, {out!r})
+train.shutdown_runtime(runtime)
 """
 
 
