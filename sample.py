@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 import tokenizer as tok
-from model import find_checkpoint, load_checkpoint
+from model import find_checkpoint
+from quantize import load_any_checkpoint
 
 
 def load_model_and_tokenizer(path, device="cpu"):
     """Load a checkpoint's model (in eval mode) and its tokenizer. Returns (model, tokenizer, config dict)."""
-    model, config = load_checkpoint(path, device)
+    model, config = load_any_checkpoint(path, device)   # float or quantized
     tokenizer_file = find_checkpoint(path) / config.get("tokenizer", {}).get("file", "tokenizer.json")
     if not tokenizer_file.is_file():
         raise FileNotFoundError(f"{tokenizer_file} not found: the checkpoint has no tokenizer; copy the tokenizer JSON there")
@@ -46,10 +47,12 @@ def encode_prompts(tokenizer, prompts, device):
 
 
 def generate_text(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, seed=None,
-                  stop_at_eot=True, stream=None):
+                  stop_at_eot=True, stream=None, stop_texts=()):
     """Generate a continuation for each prompt. Returns the generated texts (prompts excluded).
 
-    stream, if given, is a file that receives the first row's text as it is produced.
+    stream, if given, is a file that receives the first row's text as it is produced. Each text is cut
+    before the first of stop_texts it contains, and generation ends early once every row has produced a
+    stop text (or the end-of-text token, with stop_at_eot).
     """
     device = next(model.parameters()).device
     ids, pad_mask = encode_prompts(tokenizer, prompts, device)
@@ -57,25 +60,37 @@ def generate_text(model, tokenizer, prompts, max_new_tokens, temperature=1.0, to
     if seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
-    on_token = None
-    if stream is not None:
-        # Byte-level tokens can end inside a UTF-8 character; the incremental decoder waits for the rest.
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    # Byte-level tokens can end inside a UTF-8 character; the incremental decoder waits for the rest.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    new_ids = []                                          # the (B,) ids of each step
+    stopped = torch.zeros(len(prompts), dtype=torch.bool)
+    # Every token decodes to at least one byte, so a stop text that ends at the newest token lies within this many.
+    tail = max((len(text.encode("utf-8")) for text in stop_texts), default=0)
 
-        def on_token(next_ids):
-            token = int(next_ids[0])
-            if stop_at_eot and token == tokenizer.eot_id:
-                return
-            stream.write(decoder.decode(tokenizer.decode_bytes([token])))
+    def on_token(next_ids):
+        new_ids.append(next_ids.cpu())
+        if stream is not None and not (stop_at_eot and int(next_ids[0]) == tokenizer.eot_id):
+            stream.write(decoder.decode(tokenizer.decode_bytes([int(next_ids[0])])))
             stream.flush()
-    out = model.generate(ids, max_new_tokens, temperature, top_k, top_p,
-                         eos_id=tokenizer.eot_id if stop_at_eot else None, pad_mask=pad_mask,
-                         generator=generator, on_token=on_token)
+        if not stop_texts:
+            return False
+        for row in torch.nonzero(~stopped).flatten().tolist():
+            recent = [int(step[row]) for step in new_ids[-tail:]]
+            hit_eot = stop_at_eot and recent[-1] == tokenizer.eot_id
+            if hit_eot or any(text in tokenizer.decode(recent) for text in stop_texts):
+                stopped[row] = True
+        return bool(stopped.all())
+
+    model.generate(ids, max_new_tokens, temperature, top_k, top_p, eos_id=tokenizer.eot_id if stop_at_eot else None,
+                   pad_mask=pad_mask, generator=generator, on_token=on_token)
+    rows = torch.stack(new_ids, dim=1).tolist() if new_ids else [[] for _ in prompts]
     texts = []
-    for row in out[:, ids.size(1):].tolist():
+    for row in rows:
         if stop_at_eot and tokenizer.eot_id in row:
             row = row[: row.index(tokenizer.eot_id)]
-        texts.append(tokenizer.decode(row))
+        text = tokenizer.decode(row)
+        cuts = [text.index(stop) for stop in stop_texts if stop in text]
+        texts.append(text[: min(cuts)] if cuts else text)
     return texts
 
 
@@ -116,7 +131,10 @@ def run(args):
         path = Path(args.prompt_file)
         if not path.is_file():
             raise FileNotFoundError(f"--prompt-file {path} not found")
-        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompt-file {path} is not valid UTF-8 (byte {e.start}); save it as UTF-8 text") from None
         if not prompts:
             raise ValueError(f"--prompt-file {path} holds no prompts; write one prompt per line")
     model, tokenizer, _ = load_model_and_tokenizer(args.ckpt, device)
