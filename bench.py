@@ -5,6 +5,8 @@
     python bench.py recipe       # validation loss against wall-clock seconds of the main job (P2)
     python bench.py generate     # generation tokens/s with the KV cache against full recompute (P3)
     python bench.py memory       # peak resident memory of training on small and large corpora
+    python bench.py quantize --ckpt out/main   # bits per byte, bytes and generation speed of each quantization
+    python bench.py eval --ckpt out/a out/b    # bits per byte, HellaSwag, PIQA and arithmetic of checkpoints
     torchrun --nproc_per_node=N bench.py gpu   # GPT-2 124M with bf16, torch.compile and NCCL DDP (CUDA only)
 
 Data locations come from flags whose defaults are under $LLM_STAGES_DATA (else ./data).
@@ -252,6 +254,115 @@ def bench_gpu(args) -> None:
                           f"{'DDP' if runtime.distributed else 'one process'}; {1000 * seconds:.0f} ms per step, "
                           f"{tokens_per_s:,.0f} tokens/s, MFU {100 * mfu:.1f}% of a measured {peak / 1e12:.0f} TFLOP/s "
                           f"bf16 matmul peak per GPU; last loss {result.loss:.3f}")
+    train.shutdown_runtime(runtime)
+
+
+def bench_quantize(args) -> None:
+    """Validation bits per byte, bytes and CPU generation speed of each quantization method on one checkpoint.
+
+    Quantized rows replace the linear layers inside the blocks (quantize.py's default), so embeddings and the
+    head stay float32. GPTQ calibrates on args.calib_tokens tokens of the training split. Generation is
+    greedy, batch 1, args.tokens new tokens after the end-of-text token, with the KV cache.
+    """
+    import copy
+    import torch
+    import quantize
+    import tokenizer as tk
+    from model import load_checkpoint, read_checkpoint_config
+
+    source, config = read_checkpoint_config(args.ckpt)
+    float_model, _ = load_checkpoint(source)
+    float_model.eval()
+    tokenizer = tk.load_tokenizer(str(source / "tokenizer.json"))
+    data = quantize.token_data(config, args.data, "cpu")
+    names = quantize.select_layers(float_model, ["blocks.*"])
+    hessians = quantize.calibration_hessians(float_model, data, names, args.calib_tokens, args.batch_size)
+    variants = [  # label, method, group or block size, double quantization, GPTQ
+        ("float32", None, 0, False, False), ("bfloat16", None, 0, False, False),
+        ("int8 (per channel)", "int8", 0, False, False), ("nf4 (block 64)", "nf4", 64, False, False),
+        ("nf4 + double quant", "nf4", 64, True, False), ("int4 g32", "int4", 32, False, False),
+        ("int4 g128", "int4", 128, False, False), ("int4-sym g32", "int4-sym", 32, False, False),
+        ("GPTQ int4 g32", "int4", 32, False, True), ("GPTQ int4 g128", "int4", 128, False, True),
+    ]
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; checkpoint {source}; {args.eval_tokens:,} validation tokens; "
+          f"{args.tokens} new tokens per generation run, median of {args.runs} runs\n")
+    print("| weights | val bits/byte | change | quantized layers (bytes) | whole model (bytes) | model.pt (bytes) | tokens/s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    float_bpb = None
+    for label, method, size, double_quant, gptq in variants:
+        model = copy.deepcopy(float_model)
+        if method:
+            quantize.quantize_model(model, method, size, double_quant, ["blocks.*"], hessians if gptq else None)
+        elif label == "bfloat16":
+            model = model.to(torch.bfloat16)
+        sizes = quantize.size_report(float_model, model, names)
+        layer_bytes, model_bytes, file_bytes = sizes["quantized" if method else label]
+        _, bpb = quantize.bits_per_byte(model, data, tokenizer, args.batch_size, args.eval_tokens)
+        float_bpb = float_bpb or bpb
+        model.eval()
+        prompt = torch.tensor([[tokenizer.eot_id]])
+        seconds, _ = median_seconds(lambda: model.generate(prompt, args.tokens, temperature=0.0), args.runs)
+        print(f"| {label} | {bpb:.4f} | {100 * (bpb / float_bpb - 1):+.2f}% | {layer_bytes:,} | {model_bytes:,} | "
+              f"{file_bytes:,} | {args.tokens / seconds:,.0f} |", flush=True)
+
+
+def bench_eval(args) -> None:
+    """Evaluate checkpoints with eval.py: bits per byte on Tiny Shakespeare's validation split and on a
+    Gutenberg novel, HellaSwag and PIQA (acc and acc_norm), and held-out synthetic arithmetic.
+
+    The novel is cut to the text between Project Gutenberg's START and END lines, with CRLF as LF and
+    curly single quotes as '. Every character the checkpoint's tokenizer cannot encode is then dropped,
+    because a char tokenizer trained on Tiny Shakespeare has no digits and no double quotes.
+    """
+    import eval as evaluation
+    import tokenizer as tk
+    from model import find_checkpoint
+
+    out = Path(args.out)
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; HellaSwag and PIQA --limit {args.mc_limit}, "
+          f"{args.arith_problems} arithmetic problems\n")
+    table = []
+    for checkpoint in args.ckpt:
+        start = time.perf_counter()
+        tokenizer = tk.load_tokenizer(str(find_checkpoint(checkpoint) / "tokenizer.json"))
+        text = Path(args.novel).read_bytes().decode("utf-8-sig").replace("\r\n", "\n")
+        text = text[text.index("\n", text.index("*** START OF")) + 1: text.index("*** END OF")]
+        text = text.replace("\u2019", "'").replace("\u2018", "'")
+        known = {char for char in set(text) if evaluation.encodes(tokenizer, char)}
+        novel = out / f"{Path(args.novel).stem}-{tokenizer.hash[:12]}.txt"
+        novel.parent.mkdir(parents=True, exist_ok=True)
+        kept = "".join(char for char in text if char in known)
+        novel.write_text(kept, encoding="utf-8")
+        dropped = 1 - len(kept) / len(text)
+
+        def run(group, tasks, *flags):
+            report = out / f"{Path(checkpoint).name}-{group}.json"
+            argv = ["--ckpt", checkpoint, "--tasks", tasks, "--data-dir", args.data_dir, "--out", str(report), *flags]
+            try:
+                return {(r["task"], r["data"], r["metric"]): r for r in evaluation.evaluate(evaluation.parse_args(argv))}
+            except (ValueError, OSError) as e:
+                print(f"{checkpoint}: {tasks} not evaluated: {e}")
+                return {}
+
+        results = {**run("text", f"text={args.shakespeare_tokens},text={novel}"),
+                   **run("choice", "hellaswag,piqa", "--limit", str(args.mc_limit)),
+                   **run("arithmetic", "arithmetic", "--arith-problems", str(args.arith_problems))}
+
+        def cell(task, metric, data=None):
+            found = [r for (t, d, m), r in results.items() if t == task and m == metric and data in (None, d)]
+            if not found or found[0]["value"] is None:
+                return "n/a"
+            return f"{found[0]['value']:.3f}" if task == "text" else f"{100 * found[0]['value']:.1f}% (n {found[0]['n']})"
+
+        table.append([checkpoint, cell("text", "bits_per_byte", args.shakespeare_tokens),
+                      cell("text", "bits_per_byte", str(novel)) + f" ({100 * dropped:.2f}% of characters dropped)",
+                      cell("hellaswag", "acc"), cell("hellaswag", "acc_norm"), cell("piqa", "acc"),
+                      cell("piqa", "acc_norm"), cell("arithmetic", "exact_match"), f"{time.perf_counter() - start:.0f}"])
+    print("\n| checkpoint | Shakespeare val bits/byte | novel bits/byte | HellaSwag acc | HellaSwag acc_norm | "
+          "PIQA acc | PIQA acc_norm | arithmetic exact match | seconds |")
+    print("| --- |" + " ---: |" * 8)
+    for row in table:
+        print("| " + " | ".join(row) + " |")
 
 
 def main() -> None:
@@ -291,6 +402,29 @@ def main() -> None:
     for command, run in ((throughput, bench_throughput), (recipe, bench_recipe), (generate, bench_generate), (memory, bench_memory)):
         command.add_argument("--shakespeare", default=str(DATA / "tinyshakespeare" / "input.txt"), help="Tiny Shakespeare text file")
         command.set_defaults(run=run)
+
+    quantization = commands.add_parser("quantize", help="quality, size and speed of quantized weights", formatter_class=formatter)
+    quantization.add_argument("--ckpt", default="out/main", help="float checkpoint directory or run folder")
+    quantization.add_argument("--data", default="", help="token folder (default: the one in the checkpoint's config.json)")
+    quantization.add_argument("--eval-tokens", type=int, default=131072, help="validation tokens scored per row")
+    quantization.add_argument("--calib-tokens", type=int, default=16384, help="GPTQ calibration tokens")
+    quantization.add_argument("--batch-size", type=int, default=16, help="sequences per forward in evaluation and calibration")
+    quantization.add_argument("--tokens", type=int, default=200, help="new tokens per generation run")
+    quantization.add_argument("--runs", type=int, default=3, help="generation runs per row (the median is reported)")
+    quantization.set_defaults(run=bench_quantize)
+
+    evaluate = commands.add_parser("eval", help="checkpoint quality: bits per byte, HellaSwag, PIQA, arithmetic",
+                                   formatter_class=formatter)
+    evaluate.add_argument("--ckpt", nargs="+", required=True, help="checkpoint directories or run folders")
+    evaluate.add_argument("--shakespeare-tokens", default="data/tokens/tinyshakespeare-char",
+                          help="token folder whose val split is scored (train.py writes this one)")
+    evaluate.add_argument("--novel", default=str(DATA / "gutenberg" / "pg11_Alice-s-Adventures-in-Wonderland.txt"),
+                          help="held-out Gutenberg novel")
+    evaluate.add_argument("--data-dir", default=str(DATA), help="folder with eval_mc/ (HellaSwag and PIQA)")
+    evaluate.add_argument("--mc-limit", type=int, default=1000, help="HellaSwag and PIQA items evaluated (eval.py --limit)")
+    evaluate.add_argument("--arith-problems", type=int, default=500, help="held-out arithmetic problems evaluated")
+    evaluate.add_argument("--out", default="out/bench-eval", help="folder for the filtered novel and the JSON reports")
+    evaluate.set_defaults(run=bench_eval)
 
     args = parser.parse_args()
     args.run(args)
