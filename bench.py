@@ -5,6 +5,7 @@
     python bench.py recipe       # validation loss against wall-clock seconds of the main job (P2)
     python bench.py generate     # generation tokens/s with the KV cache against full recompute (P3)
     python bench.py memory       # peak resident memory of training on small and large corpora
+    python bench.py ablation     # validation loss of each architecture option at a fixed step budget
     python bench.py quantize --ckpt out/main   # bits per byte, bytes and generation speed of each quantization
     python bench.py eval --ckpt out/a out/b    # bits per byte, HellaSwag, PIQA and arithmetic of checkpoints
     torchrun --nproc_per_node=N bench.py gpu   # GPT-2 124M with bf16, torch.compile and NCCL DDP (CUDA only)
@@ -256,6 +257,65 @@ def bench_gpu(args) -> None:
                           f"bf16 matmul peak per GPU; last loss {result.loss:.3f}")
     train.shutdown_runtime(runtime)
 
+ABLATIONS = {  # row name: train.py flags on top of the main job's recipe (RoPE, RMSNorm, pre-norm, GELU, dense)
+    "baseline: RoPE, RMSNorm, pre-norm, GELU": [],
+    "positions: learned": ["--pos", "learned"],
+    "positions: sinusoidal": ["--pos", "sinusoidal"],
+    "positions: ALiBi": ["--pos", "alibi"],
+    "positions: none (NoPE)": ["--pos", "none"],
+    "pre-norm LayerNorm": ["--norm", "layernorm"],
+    "pre-norm DyT": ["--norm", "dyt"],
+    "no norm": ["--norm", "none"],
+    "post-norm LayerNorm": ["--norm", "layernorm", "--norm-placement", "post"],
+    "post-norm RMSNorm": ["--norm-placement", "post"],
+    "post-norm DyT": ["--norm", "dyt", "--norm-placement", "post"],
+    "MLP SwiGLU": ["--mlp", "swiglu"],
+    "MLP ReLU squared": ["--mlp", "relu2"],
+    "MoE: 4 experts, top-1 (same active parameters)": ["--n-expert", "4", "--moe-top-k", "1"],
+}
+EXTRAPOLATED = ("baseline", "positions")   # rows also scored at twice the training context
+
+
+def bench_ablation(args) -> None:
+    """Architecture ablation on char-level Tiny Shakespeare: validation loss and bits per byte per option.
+
+    Every row trains args.steps steps of the main job's recipe plus the row's flags, for args.runs seeds,
+    and reports the median and the spread (max - min) of the final validation loss. Position schemes are
+    also scored on windows of twice the training context; learned positions have no embedding there.
+    """
+    import json
+    import torch
+    import train
+    from model import load_checkpoint
+
+    data_dir = shakespeare_tokens(args)
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; {args.steps} steps per run, median of {args.runs} seeds; "
+          f"extra flags: {' '.join(args.train_args) or 'none'}\n")
+    print("| option | val loss | spread | val bits/byte | val loss at 2x context | parameters (active) | train seconds |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, flags in ABLATIONS.items():
+        if args.only and not any(word.lower() in name.lower() for word in args.only):
+            continue
+        results = []
+        for seed in range(args.runs):
+            run = Path("out", f"bench-ablation-{seed}")
+            run_train_script(["--data", str(data_dir), "--seed", str(seed), "--run-name", run.name, "--overwrite",
+                              "--max-steps", str(args.steps), "--eval-interval", "0", "--sample-tokens", "0",
+                              "--eval-tokens", str(args.eval_tokens), *args.train_args, *flags])
+            final = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if "val_loss" in line][-1]
+            model, _ = load_checkpoint(run)
+            long_loss = float("nan")
+            if name.startswith(EXTRAPOLATED) and model.config.pos != "learned":
+                long_data = train.TokenData(data_dir, 2 * model.config.context_len, torch.device("cpu"))
+                ones = torch.ones(model.config.vocab_size)
+                long_loss, _ = train.evaluate(model, long_data, train.Runtime(), 16, args.eval_tokens, ones)
+            results.append((final["val_loss"], final["val_bpb"], long_loss, final["train_seconds"]))
+        loss, bpb, long_loss, seconds = (statistics.median(column) for column in zip(*results))
+        spread = max(r[0] for r in results) - min(r[0] for r in results)
+        long_text = "n/a" if long_loss != long_loss else f"{long_loss:.4f}"
+        params = f"{model.num_params():,} ({model.num_params(active=True):,})"
+        print(f"| {name} | {loss:.4f} | {spread:.4f} | {bpb:.4f} | {long_text} | {params} | {seconds:.0f} |", flush=True)
+
 
 def bench_quantize(args) -> None:
     """Validation bits per byte, bytes and CPU generation speed of each quantization method on one checkpoint.
@@ -402,6 +462,16 @@ def main() -> None:
     for command, run in ((throughput, bench_throughput), (recipe, bench_recipe), (generate, bench_generate), (memory, bench_memory)):
         command.add_argument("--shakespeare", default=str(DATA / "tinyshakespeare" / "input.txt"), help="Tiny Shakespeare text file")
         command.set_defaults(run=run)
+
+    ablation = commands.add_parser("ablation", help="architecture options compared at a fixed step budget",
+                                   formatter_class=formatter)
+    ablation.add_argument("--steps", type=int, default=600, help="training steps per run")
+    ablation.add_argument("--runs", type=int, default=3, help="seeds per option (the median is reported)")
+    ablation.add_argument("--eval-tokens", type=int, default=131072, help="validation tokens scored per evaluation")
+    ablation.add_argument("--only", nargs="*", default=[], help="run only the options whose name contains one of these words")
+    ablation.add_argument("--shakespeare", default=str(DATA / "tinyshakespeare" / "input.txt"), help="Tiny Shakespeare text file")
+    ablation.add_argument("train_args", nargs="*", help="extra train.py flags for every run (after --)")
+    ablation.set_defaults(run=bench_ablation)
 
     quantization = commands.add_parser("quantize", help="quality, size and speed of quantized weights", formatter_class=formatter)
     quantization.add_argument("--ckpt", default="out/main", help="float checkpoint directory or run folder")
