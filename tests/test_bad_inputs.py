@@ -13,7 +13,8 @@ import tokenizer as tok
 from conftest import ROOT
 
 TINY = ["--context-len", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--batch-size", "2",
-        "--sample-tokens", "0", "--eval-tokens", "64", "--device", "cpu"]
+        "--sample-tokens", "0", "--eval-tokens", "64", "--device", "cpu",
+        "--dtype", "float32"]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ MAX_STEPS = 60
 # A wide model makes each checkpoint take a good share of every step, so kills often land mid-write.
 ARGS = ["--context-len", "32", "--n-layer", "2", "--n-head", "4", "--n-embd", "192", "--batch-size", "2",
         "--sample-tokens", "0", "--eval-tokens", "64", "--eval-interval", "0", "--log-interval", "5",
-        "--device", "cpu", "--max-steps", str(MAX_STEPS), "--ckpt-interval", "1", "--keep-last", str(KEEP_LAST)]
+        "--device", "cpu", "--dtype", "float32", "--max-steps", str(MAX_STEPS), "--ckpt-interval", "1", "--keep-last", str(KEEP_LAST)]
 
 
 def start(args, cwd):

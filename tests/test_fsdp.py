@@ -13,7 +13,8 @@ from conftest import ROOT
 from model import load_checkpoint
 
 TINY = ["--context-len", "32", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4",
-        "--sample-tokens", "0", "--eval-tokens", "256", "--log-interval", "1", "--warmup-steps", "2", "--device", "cpu"]
+        "--sample-tokens", "0", "--eval-tokens", "256", "--log-interval", "1", "--warmup-steps", "2", "--device", "cpu",
+        "--dtype", "float32"]
 
 
 def torchrun(args, cwd, nproc=2):

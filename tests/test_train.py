@@ -13,7 +13,8 @@ from model import GPT, GPTConfig, IGNORE_INDEX
 from conftest import ROOT
 
 TINY = ["--context-len", "32", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4",
-        "--sample-tokens", "0", "--eval-tokens", "256", "--log-interval", "5", "--warmup-steps", "2", "--device", "cpu"]
+        "--sample-tokens", "0", "--eval-tokens", "256", "--log-interval", "5", "--warmup-steps", "2", "--device", "cpu",
+        "--dtype", "float32"]
 
 
 def run_script(script, args, cwd, env=None, nproc=None):
