@@ -272,8 +272,8 @@ class Attention(nn.Module):
         key_start = 0
         if kv_cache is not None:
             k, v, key_start = kv_cache.append(self.layer, k, v, self.window)
-            key_valid = kv_cache.key_valid[:, key_start:]
-        k_index = torch.arange(key_start, key_start + k.size(2), device=x.device)
+            if key_valid is not None:
+                key_valid = kv_cache.key_valid[:, key_start:]
 
         # Fast paths need no explicit mask: a whole sequence under plain causal attention, and one new
         # token that may see every cached key.
@@ -282,6 +282,7 @@ class Attention(nn.Module):
         if simple and (causal or T == 1):
             mask = None
         else:
+            k_index = torch.arange(key_start, key_start + k.size(2), device=x.device)
             mask = attention_bias(q_index, k_index, self.window, key_valid, self.slopes)
         dropout = self.dropout if self.training else 0.0
         gqa = self.n_kv_head != self.n_head   # query head h reads kv head h // (n_head / n_kv_head)
@@ -455,12 +456,14 @@ class GPT(nn.Module):
         start = kv_cache.seq_len if kv_cache is not None else 0
         q_index = torch.arange(start, start + T, device=idx.device)  # token indices of this call
 
-        if kv_cache is not None:
+        if kv_cache is not None and (pad_mask is not None or kv_cache.key_valid is not None):
+            if kv_cache.key_valid is None:   # the cached tokens came without padding
+                kv_cache.key_valid = torch.ones(B, start, dtype=torch.bool, device=idx.device)
+                kv_cache.n_valid = torch.full((B,), start, dtype=torch.long, device=idx.device)
             valid = torch.ones(B, T, dtype=torch.bool, device=idx.device) if pad_mask is None else pad_mask.bool()
-            n_before = kv_cache.n_valid if kv_cache.n_valid is not None else torch.zeros(B, dtype=torch.long, device=idx.device)
-            pos = (n_before[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)   # (B, T)
-            kv_cache.key_valid = valid if kv_cache.key_valid is None else torch.cat((kv_cache.key_valid, valid), 1)
-            kv_cache.n_valid = n_before + valid.sum(1)
+            pos = (kv_cache.n_valid[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)   # (B, T)
+            kv_cache.key_valid = torch.cat((kv_cache.key_valid, valid), 1)
+            kv_cache.n_valid = kv_cache.n_valid + valid.sum(1)
             key_valid = None if bool(kv_cache.key_valid.all()) else kv_cache.key_valid
         elif pad_mask is not None:
             pos = (pad_mask.long().cumsum(1) - 1).clamp(min=0)
@@ -470,7 +473,7 @@ class GPT(nn.Module):
 
         x = self.wte(idx)                                        # (B, T, n_embd)
         if self.config.pos == "learned":
-            last_pos = T - 1 if pos.dim() == 1 else int(pos.max())
+            last_pos = start + T - 1 if pos.dim() == 1 else int(pos.max())
             if last_pos >= self.config.context_len:
                 raise ValueError(f"position {last_pos} is beyond context_len={self.config.context_len} "
                                  "of a model with learned positions; shorten the input")
@@ -519,8 +522,9 @@ class GPT(nn.Module):
         B = idx.size(0)
         tokens = idx
         valid = torch.ones_like(idx, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
+        padded = not bool(valid.all())   # without padding, decoding takes the mask-free fast path
         kv_cache = self.new_kv_cache()
-        logits, _ = self(tokens, kv_cache=kv_cache, pad_mask=valid)
+        logits, _ = self(tokens, kv_cache=kv_cache, pad_mask=valid if padded else None)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             next_ids = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)   # (B,)
@@ -535,7 +539,7 @@ class GPT(nn.Module):
             if kv_cache.seq_len >= self.config.context_len:
                 keep = self.config.context_len // 2
                 kv_cache = self.new_kv_cache()
-                logits, _ = self(tokens[:, -keep:], kv_cache=kv_cache, pad_mask=valid[:, -keep:])
+                logits, _ = self(tokens[:, -keep:], kv_cache=kv_cache, pad_mask=valid[:, -keep:] if padded else None)
             else:
                 logits, _ = self(next_ids[:, None], kv_cache=kv_cache)
         return tokens

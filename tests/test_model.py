@@ -1093,3 +1093,26 @@ def test_flops_per_token_moe_active(bias):
 
     # Biases are not matrix weights, and the 2 experts a token skips count nothing at all.
     assert model.flops_per_token(T) == 6 * matrix + 12 * L * C * T
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope", "alibi"])
+def test_cache_without_padding_then_with_padding(pos):
+    """A cache filled without a pad mask and continued with one gives the logits of full recompute."""
+    model = make_model(pos=pos)
+    idx = random_tokens(2, 12)
+    with torch.no_grad():
+        full, _ = model(idx)
+        kv_cache = model.new_kv_cache()
+        model(idx[:, :5], kv_cache=kv_cache)
+        chunk, _ = model(idx[:, 5:9], kv_cache=kv_cache, pad_mask=torch.ones(2, 4, dtype=torch.bool))
+        last, _ = model(idx[:, 9:], kv_cache=kv_cache)
+    assert torch.allclose(chunk, full[:, 5:9], atol=1e-5)
+    assert torch.allclose(last, full[:, 9:], atol=1e-5)
+
+
+def test_generate_same_with_and_without_full_pad_mask():
+    model = make_model(pos="rope")
+    prompt = random_tokens(2, 6)
+    plain = model.generate(prompt, 10, temperature=0.0)
+    masked = model.generate(prompt, 10, temperature=0.0, pad_mask=torch.ones(2, 6, dtype=torch.bool))
+    assert torch.equal(plain, masked)
