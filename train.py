@@ -81,7 +81,7 @@ class TrainConfig:
     max_bad_steps: int = field(default=10, metadata={"help": "stop after this many consecutive non-finite steps"})
     # hardware
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 where supported, else float32), "
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on CUDA GPUs that support it, else float16; bfloat16 on CPUs with AVX-512 or AMX; else float32), "
                                                          "float32, bfloat16 or float16 (CUDA only)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     fsdp: bool = field(default=False, metadata={"help": "shard parameters, gradients and optimizer state over processes "
@@ -220,8 +220,8 @@ def resolve_dtype(name, device_type):
     if name == "auto":
         if device_type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        # oneDNN reports bfloat16 support on x86 CPUs with AVX-512 or AMX, where bf16 matmuls beat float32.
-        # NOTE: measured only on an AVX-512 BF16 CPU (1.35x the training tokens/s of float32).
+        # oneDNN reports bfloat16 support on x86 CPUs with AVX-512 or AMX. NOTE: bfloat16 was measured
+        # faster only on a CPU with AVX-512 BF16 (1.35x float32's training tokens/s); it may be slower elsewhere.
         if device_type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
             return torch.bfloat16
         return torch.float32
