@@ -200,22 +200,28 @@ def bench_generate(args) -> None:
 def bench_memory(args) -> None:
     """Peak resident memory of a short training run on Tiny Shakespeare and on all Gutenberg novels.
 
-    Token files are memory-mapped, so memory should not grow with the corpus. Each run is a fresh
-    process (ru_maxrss of the children is cumulative, so the larger corpus runs second).
+    Both corpora use GPT-2's tokenizer, so the model is the same and only the corpus size differs. Token
+    files are memory-mapped, so memory should not grow with the corpus. Each run is a fresh process
+    (ru_maxrss of the children is the largest child so far, so the larger corpus runs second).
     """
-    import tokenizer as tk
-    shakespeare = shakespeare_tokens(args)
-    novels = Path("data/tokens/bench-gutenberg-gpt2")
-    if not (novels / "meta.json").is_file():
-        tk.encode_corpus(tk.load_tokenizer("gpt2", args.gpt2_files), [args.gutenberg], novels, force=True)
-    print("| corpus | train tokens | peak RSS (MB) |")
-    print("| --- | ---: | ---: |")
     import json
-    for folder in (shakespeare, novels):
+    import tokenizer as tk
+    gpt2 = tk.load_tokenizer("gpt2", args.gpt2_files)
+    folders = []
+    for name, source in (("shakespeare", args.shakespeare), ("gutenberg", args.gutenberg)):
+        folder = Path(f"data/tokens/bench-{name}-gpt2")
+        if not (folder / "meta.json").is_file():
+            tk.encode_corpus(gpt2, [source], folder, force=True)
+        folders.append(folder)
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; 50 steps of the main job's recipe with GPT-2's tokenizer\n")
+    print("| corpus | train tokens | token files (MB) | peak RSS (MB) |")
+    print("| --- | ---: | ---: | ---: |")
+    for folder in folders:
         meta = json.loads((folder / "meta.json").read_text())
+        file_mb = sum(path.stat().st_size for path in folder.glob("*.bin")) / 2**20
         _, peak = run_train_script(["--data", str(folder), "--max-steps", "50", "--run-name", "bench-memory", "--overwrite",
-                                    "--sample-tokens", "0", "--eval-tokens", "8192", "--n-embd", "128", "--n-layer", "4"])
-        print(f"| {folder.name} | {meta['train_tokens']:,} | {peak:.0f} |", flush=True)
+                                    "--sample-tokens", "0", "--eval-tokens", "8192"])
+        print(f"| {folder.name} | {meta['train_tokens']:,} | {file_mb:.1f} | {peak:.0f} |", flush=True)
 
 
 def bench_gpu(args) -> None:
