@@ -655,9 +655,12 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    for name in ("limit", "stride", "max_new_tokens", "arith_problems", "arith_train_problems"):
+    for name in ("limit", "stride", "max_new_tokens"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 0")
+    for name in ("arith_problems", "arith_train_problems"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size {args.batch_size} must be positive")
     if args.shots is not None and args.shots < 0:
@@ -669,6 +672,8 @@ def main(argv=None):
     try:
         check_args(args)
         if args.write_arith:
+            if Path(args.write_arith).exists():
+                raise FileExistsError(f"--write-arith {args.write_arith} already exists; choose a new file name or delete it first")
             text = arithmetic_text(args.arith_train_problems, args.arith_digits, args.arith_ops, args.seed)
             tok.write_atomic(Path(args.write_arith), text.encode("utf-8"))
             print(f"wrote {args.arith_train_problems:,} arithmetic problems to {args.write_arith}")

@@ -75,6 +75,8 @@ class GPTConfig:
         check(self.pos != "rope" or (self.n_embd // self.n_head) % 2 == 0, "RoPE needs an even head dimension")
         check(self.pos != "sinusoidal" or self.n_embd % 2 == 0, "sinusoidal positions need an even n_embd")
         check(self.window >= 0, f"window={self.window} must be 0 (full attention) or positive")
+        check(self.mlp_hidden >= 0, f"mlp_hidden={self.mlp_hidden} must be 0 (the default size) or positive")
+        check(self.rope_base > 0, f"rope_base={self.rope_base} must be positive")
         check(set(self.window_pattern) <= {"L", "G"}, f"window pattern {self.window_pattern!r} may hold only L and G")
         check(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
         check(self.n_expert >= 0 and self.moe_every >= 1, "n_expert must be >= 0 and moe_every >= 1")
@@ -587,7 +589,7 @@ def sample_next_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=Non
     smallest set of most likely tokens whose probability reaches top_p, the token that crosses the
     threshold included; ties are broken by the lower token id, so the kept set is deterministic.
     """
-    if temperature < 0:
+    if not temperature >= 0:   # NaN fails this comparison too
         raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy decoding)")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must be in (0, 1]")

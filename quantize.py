@@ -1,7 +1,7 @@
 """Weight quantization: int8, int4 and NF4 with packed storage, and quantized linear layers.
 
-    python quantize.py --ckpt out/shakespeare --method nf4 --out out/shakespeare-nf4
-    python quantize.py --ckpt out/shakespeare --method int4 --group-size 32 --gptq --eval
+    python quantize.py --ckpt out/tinyshakespeare-char --method nf4 --out out/tinyshakespeare-char-nf4
+    python quantize.py --ckpt out/tinyshakespeare-char --method int4 --group-size 32 --gptq --eval
 
 Reads a checkpoint directory (or a run folder, whose newest checkpoint is used) and prints the bytes of
 the quantized weights against float32 and bfloat16. With --out it writes a quantized checkpoint
@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tokenizer as tok
-from model import GPT, GPTConfig, clean_state_dict, load_checkpoint, read_checkpoint_config, write_checkpoint_files
+from model import (GPT, GPTConfig, clean_state_dict, load_checkpoint, load_tensor_file, read_checkpoint_config,
+                   write_checkpoint_files)
 
 # int8: symmetric absmax with one scale per output channel. int4: a scale and an integer zero-point per group
 # (asymmetric). int4-sym: symmetric absmax per group. nf4: 4-bit NormalFloat with an absmax per block.
@@ -339,8 +340,12 @@ def load_any_checkpoint(path, device="cpu"):
     model = GPT(GPTConfig.from_dict(config["model"]))
     # Quantizing the random initial weights only creates buffers of the right shapes; the saved ones replace them.
     block_size = settings.get("block_size", settings.get("group_size", 0))
-    quantize_model(model, settings["method"], block_size, settings["double_quant"], settings["layers"])
-    state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
+    try:
+        quantize_model(model, settings["method"], block_size, settings.get("double_quant", False), settings["layers"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{directory / 'config.json'}: the quantization settings do not fit its model ({e}); "
+                         "quantize the float checkpoint again") from None
+    state = load_tensor_file(directory / "model.pt")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -437,6 +442,12 @@ def run(args):
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is invalid; it must be positive")
     block_size = args.block_size if args.method == "nf4" else args.group_size
     check_method(args.method, block_size)
+    if args.double_quant and args.method == "int8":
+        raise ValueError("--double-quant quantizes the block scales of int4 and nf4; int8 has one scale per output "
+                         "channel, so drop --double-quant")
+    if args.device not in ("cpu", "cuda", "mps") or (args.device == "cuda" and not torch.cuda.is_available()) \
+            or (args.device == "mps" and not torch.backends.mps.is_available()):
+        raise ValueError(f"--device {args.device!r} is not available here; use --device cpu")
     source, config = read_checkpoint_config(args.ckpt)
     if "quantization" in config:
         raise ValueError(f"{source} is already quantized ({config['quantization']['method']}); "

@@ -18,6 +18,7 @@ import torch
 import tokenizer as tok
 from model import find_checkpoint
 from quantize import load_any_checkpoint
+from train import resolve_device
 
 
 def load_model_and_tokenizer(path, device="cpu"):
@@ -27,6 +28,10 @@ def load_model_and_tokenizer(path, device="cpu"):
     if not tokenizer_file.is_file():
         raise FileNotFoundError(f"{tokenizer_file} not found: the checkpoint has no tokenizer; copy the tokenizer JSON there")
     tokenizer = tok.load_tokenizer(str(tokenizer_file))
+    expected_hash = config.get("tokenizer", {}).get("hash")
+    if expected_hash and tokenizer.hash != expected_hash:
+        raise ValueError(f"{tokenizer_file} is not the tokenizer this checkpoint was trained with (its hash differs "
+                         "from config.json's); copy the run's own tokenizer.json there")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{tokenizer_file} has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}; "
                          "the tokenizer does not belong to this checkpoint")
@@ -107,22 +112,20 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=1337, help="random seed (default: %(default)s)")
     parser.add_argument("--no-stop-at-eot", action="store_true", help="keep generating past the end-of-text token")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
-    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16, or float16 on CUDA (default: %(default)s)")
     return parser.parse_args(argv)
 
 
 def run(args):
     if args.num_samples <= 0 or args.max_new_tokens <= 0:
         raise ValueError(f"--num-samples ({args.num_samples}) and --max-new-tokens ({args.max_new_tokens}) must be positive")
-    if args.temperature < 0:
+    if not args.temperature >= 0:   # NaN fails this comparison too
         raise ValueError(f"--temperature {args.temperature} must be >= 0 (0 means greedy decoding)")
     if not 0 < args.top_p <= 1 or args.top_k < 0:
         raise ValueError(f"--top-p {args.top_p} must be in (0, 1] and --top-k {args.top_k} >= 0")
     if args.dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {args.dtype!r} is not one of float32, bfloat16, float16")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = resolve_device(args.device)
     if args.dtype == "float16" and device != "cuda":
         raise ValueError(f"--dtype float16 needs a CUDA GPU; on {device} use bfloat16 or float32")
 

@@ -1,9 +1,9 @@
-"""Pretraining, and the training runtime that finetune.py and rlhf.py reuse.
+"""Pretraining, and the training runtime that the later stages (fine-tuning, RLHF) import.
 
     python train.py                                   # char-level Tiny Shakespeare, a few minutes on a CPU
     python train.py --input novels/ --tokenizer gpt2  # your own text: tokenized first, then trained on
     torchrun --nproc_per_node=4 train.py --data data/tokens/novels-gpt2
-    python train.py --resume out/shakespeare          # continue a run exactly where it stopped
+    python train.py --resume out/tinyshakespeare-char # continue a run exactly where it stopped
 
 Reads token files made by tokenizer.py (`train.bin`, `val.bin`, `meta.json`, `tokenizer.json`), or text
 that it tokenizes into `data/tokens/` first. Writes `out/<run>/`: `run.json` (the resolved settings),
@@ -132,9 +132,12 @@ def add_dataclass_flags(parser, defaults, helps):
     for name, default in defaults.items():
         flag = "--" + name.replace("_", "-")
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps[name])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=f"{helps[name]} (default: {'on' if default else 'off'})")
         else:
-            parser.add_argument(flag, type=type(default), default=default, help=f"{helps[name]} (default: %(default)s)")
+            # Empty defaults mean "not set", and some help texts already explain their default.
+            suffix = "" if default == "" or "(default" in helps[name] else " (default: %(default)s)"
+            parser.add_argument(flag, type=type(default), default=default, help=helps[name] + suffix)
 
 
 def build_parser():
@@ -171,8 +174,16 @@ def check_train_config(cfg):
     for name in ["total_batch_tokens", "warmup_steps", "eval_interval", "ckpt_interval", "keep_last", "sample_tokens", "threads"]:
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(cfg, name)} must be >= 0")
-    if cfg.lr <= 0 or cfg.muon_lr <= 0:
+    if not (cfg.lr > 0 and cfg.muon_lr > 0):   # written this way so that NaN fails too
         raise ValueError(f"learning rates must be positive (got --lr {cfg.lr}, --muon-lr {cfg.muon_lr})")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ValueError(f"--{name}={getattr(cfg, name)} must be in [0, 1)")
+    for name in ("weight_decay", "grad_clip", "seed"):
+        if not getattr(cfg, name) >= 0:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(cfg, name)} must be >= 0")
+    if cfg.max_bad_steps < 1:
+        raise ValueError(f"--max-bad-steps={cfg.max_bad_steps} must be at least 1")
     choices = {"optimizer": ("adamw", "muon"), "schedule": ("cosine", "constant", "wsd"),
                "device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", "float32", "bfloat16", "float16")}
     for name, allowed in choices.items():
@@ -212,6 +223,8 @@ def resolve_device(name):
         raise ValueError("--device cuda: no CUDA GPU is visible; use --device cpu")
     if name == "mps" and not torch.backends.mps.is_available():
         raise ValueError("--device mps: MPS is not available on this machine; use --device cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name!r} is not one of auto, cpu, cuda, mps")
     return name
 
 
@@ -226,7 +239,7 @@ def resolve_dtype(name, device_type):
             return torch.bfloat16
         return torch.float32
     if name == "float16" and device_type != "cuda":
-        raise ValueError(f"--dtype float16 needs a CUDA GPU (it trains with a GradScaler); on {device_type} use bfloat16 or float32")
+        raise ValueError(f"--dtype float16 needs a CUDA GPU; on {device_type} use bfloat16 or float32")
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -305,6 +318,9 @@ def measure_matmul_peak(device, dtype, size=2048, repeats=10):
 def prepare_token_data(cfg, runtime):
     """Return the token folder to train on: --data as given, or --input tokenized into data/tokens/."""
     if cfg.data:
+        if not (Path(cfg.data) / "meta.json").is_file():
+            raise FileNotFoundError(f"--data {cfg.data} is not a token folder (it has no meta.json); make one with "
+                                    "`tokenizer.py encode`, or pass text files with --input")
         return Path(cfg.data)
     source = Path(cfg.input) if cfg.input else DEFAULT_INPUT
     if not cfg.input and not source.exists() and runtime.is_main:
@@ -334,7 +350,9 @@ def token_cache_is_current(out, source, tokenizer_name):
     except (OSError, ValueError):
         return False
     files = tok.find_text_files([str(source)])
-    same_text = meta["sources"] == [str(p) for p in files] and \
+    # A text file edited after the token files were written makes them stale, even at the same size.
+    made = (out / "meta.json").stat().st_mtime
+    same_text = meta["sources"] == [str(p) for p in files] and all(p.stat().st_mtime <= made for p in files) and \
         meta["train_bytes"] + meta["val_bytes"] == sum(p.stat().st_size for p in files)
     if tokenizer_name.endswith(".json"):
         return same_text and meta["tokenizer_hash"] == tok.load_tokenizer(tokenizer_name).hash
@@ -763,6 +781,9 @@ def pretrain(cfg, model_args, given):
         if scaler is not None and train_state.get("scaler"):
             scaler.load_state_dict(train_state["scaler"])
         start_step = train_state["step"]
+        if start_step >= cfg.max_steps:
+            raise ValueError(f"{resume_from} is at step {start_step}, so there is nothing to train up to --max-steps "
+                             f"{cfg.max_steps}; pass a larger --max-steps to continue")
         rng_states = train_state["rng"]
         set_rng_state(rng_states[runtime.rank] if runtime.rank < len(rng_states) else rng_states[0])
     run_dir = prepare_run_dir(cfg, data_dir, runtime)

@@ -30,6 +30,9 @@ def workspace(tmp_path_factory, data_dir):
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(root / "tokens"), *TINY,
                              "--max-steps", "2", "--run-name", "run"], cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    result = subprocess.run([sys.executable, str(ROOT / "quantize.py"), "--ckpt", "out/run", "--out", "nf4-ckpt"],
+                            cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
     (root / "binary.txt").write_bytes(bytes(range(256)) * 4)
     (root / "empty.txt").write_text("")
     (root / "empty-folder").mkdir()
@@ -75,6 +78,16 @@ def change_n_layer(folder):
 
 def drop_tokenizer(folder):
     (folder / "tokenizer.json").unlink()
+
+
+def swap_tokenizer(folder):
+    tok.ByteTokenizer().save(folder / "tokenizer.json")
+
+
+def truncate_quantized_model(folder):
+    shutil.rmtree(folder)
+    shutil.copytree(folder.parent / "nf4-ckpt", folder)
+    truncate_model(folder)
 
 
 def truncate_tokens(folder):
@@ -123,6 +136,12 @@ CASES = [
     ("train resume missing run", "train.py", ["--resume", "out/missing"], "missing", None),
     ("train resume with other config", "train.py", ["--resume", "out/run", "--n-layer", "3"], "n_layer", None),
     ("train resume on other tokenizer's data", "train.py", ["--resume", "out/run", "--data", "byte-tokens"], "tokenizer", None),
+    ("train resume at its last step", "train.py", ["--resume", "out/run"], "--max-steps", None),
+    ("train beta1 above one", "train.py", ["--data", "tokens", *TINY, "--beta1", "1.5"], "--beta1", None),
+    ("train NaN learning rate", "train.py", ["--data", "tokens", *TINY, "--lr", "nan"], "--lr nan", None),
+    ("train negative MLP size", "train.py", ["--data", "tokens", *TINY, "--mlp-hidden", "-5"], "mlp_hidden=-5", None),
+    ("train zero RoPE base", "train.py", ["--data", "tokens", *TINY, "--rope-base", "0"], "rope_base=0", None),
+    ("train text file as data folder", "train.py", ["--data", "text.txt", *TINY], "--input", None),
     # sample.py
     ("sample missing checkpoint", "sample.py", ["--ckpt", "out/missing"], "missing", None),
     ("sample truncated model.pt", "sample.py", ["--ckpt", "truncated-ckpt"], "model.pt", truncate_model),
@@ -133,7 +152,12 @@ CASES = [
     ("sample zero top-p", "sample.py", ["--ckpt", "out/run", "--top-p", "0"], "top-p", None),
     ("sample binary prompt file", "sample.py", ["--ckpt", "out/run", "--prompt-file", "prompts-binary.txt"], "prompts-binary.txt", None),
     ("sample zero new tokens", "sample.py", ["--ckpt", "out/run", "--max-new-tokens", "0"], "--max-new-tokens", None),
+    ("sample NaN temperature", "sample.py", ["--ckpt", "out/run", "--temperature", "nan"], "--temperature nan", None),
+    ("sample tokenizer of another run", "sample.py", ["--ckpt", "swapped-tokenizer-ckpt"], "tokenizer.json", swap_tokenizer),
+    ("sample unavailable device", "sample.py", ["--ckpt", "out/run", "--device", "cuda"], "--device cuda", None),
+    ("sample truncated quantized model.pt", "sample.py", ["--ckpt", "truncated-nf4-ckpt"], "model.pt", truncate_quantized_model),
     # eval.py
+    ("eval arithmetic text over a file", "eval.py", ["--write-arith", "text.txt"], "already exists", None),
     ("eval unknown task", "eval.py", ["--ckpt", "out/run", "--tasks", "mmlu"], "mmlu", None),
     ("eval malformed JSONL line", "eval.py", ["--ckpt", "out/run", "--tasks", "hellaswag=bad-line.jsonl"], "bad-line.jsonl:2", None),
     ("eval missing field", "eval.py", ["--ckpt", "out/run", "--tasks", "hellaswag=no-endings.jsonl"], "'endings'", None),
@@ -156,14 +180,12 @@ CASES = [
     ("quantize output parent is a file", "quantize.py", ["--ckpt", "out/run", "--out", "a-file/q"], "a-file", None),
     ("quantize unknown layer pattern", "quantize.py", ["--ckpt", "out/run", "--layers", "decoder.*"], "decoder.*", None),
     ("quantize already quantized", "quantize.py", ["--ckpt", "nf4-ckpt"], "already quantized", None),
+    ("quantize int8 with double quantization", "quantize.py", ["--ckpt", "out/run", "--method", "int8", "--double-quant"], "--double-quant", None),
 ]
 
 
 @pytest.mark.parametrize("name, script, args, needle, damage", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(workspace, name, script, args, needle, damage):
-    if name == "quantize already quantized" and not (workspace / "nf4-ckpt").exists():
-        subprocess.run([sys.executable, str(ROOT / "quantize.py"), "--ckpt", "out/run", "--out", "nf4-ckpt"],
-                       cwd=workspace, capture_output=True, check=True)
     if damage is not None:
         damaged_copy(workspace, args[args.index("--ckpt") + 1] if "--ckpt" in args else args[args.index("--data") + 1], damage)
     before = snapshot(workspace)

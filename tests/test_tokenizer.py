@@ -229,6 +229,16 @@ def test_tiktoken_export_matches_python(small_corpus, pattern):
         assert tokenizer.encode(text) == tokenizer.encode_python(text), text
 
 
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_training_uses_chosen_pattern(small_corpus, pattern):
+    """The learned tokens come from chunks split by the chosen pattern: they equal train_bpe's with it."""
+    tokenizer = tk.train_tokenizer("bpe", small_corpus, 600, pattern=pattern)
+    vocab, _ = tk.train_bpe(small_corpus, 600, tk.PATTERNS[pattern])
+    other_vocab, _ = tk.train_bpe(small_corpus, 600, tk.PATTERNS["gpt4" if pattern == "gpt2" else "gpt2"])
+    assert vocab != other_vocab
+    assert list(tokenizer.token_bytes[:len(vocab)]) == list(vocab)
+
+
 @pytest.mark.parametrize("name", ["bpe", "bpe_gpt2_pattern", "gpt2"])
 def test_tiktoken_equals_python_on_corpora(name, request, shakespeare, novels):
     tokenizer = request.getfixturevalue(name)

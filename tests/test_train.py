@@ -141,7 +141,7 @@ def test_tied_weight_in_one_optimizer_group():
 
 def test_weight_decay_only_on_matrices():
     model = tiny_model(bias=True, norm="layernorm")
-    optimizer, = train.build_optimizers(model, train.TrainConfig(weight_decay=0.1), "cpu")
+    optimizer, = train.build_optimizers(model, train.TrainConfig(optimizer="adamw", weight_decay=0.1), "cpu")
     decayed, plain = optimizer.param_groups
     assert all(p.dim() >= 2 for p in decayed["params"])
     assert all(p.dim() < 2 for p in plain["params"])
@@ -299,7 +299,7 @@ def test_float16_on_cpu_rejected_at_start(tmp_path, token_dir, script):
     args = ["--data", str(token_dir), *TINY, "--dtype", "float16"] if script == "train.py" else \
         ["--ckpt", str(tmp_path), "--dtype", "float16", "--device", "cpu"]
     result = run_script(script, args, tmp_path)
-    assert_clean_error(result, "float16")
+    assert_clean_error(result, "--dtype float16 needs a CUDA GPU")
     assert not (tmp_path / "out").exists()
 
 
