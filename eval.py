@@ -585,7 +585,7 @@ def evaluate(args):
     """Evaluate every checkpoint on every task, then print the table and write the JSON report on rank 0.
     Returns the report rows."""
     specs = parse_tasks(args.tasks, args.data_dir)
-    runtime = setup_runtime(args.device, args.dtype, args.seed)
+    runtime = setup_runtime(args.device, args.dtype, args.seed, args.threads)
     loaded = [(task, path, *load_task(task, path, args)) for task, path in specs]
 
     results = []
@@ -650,12 +650,13 @@ def parse_args(argv=None):
 
     add("--out", default="out/eval.json", help="JSON report file (default: %(default)s)")
     add("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
+    add("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     add("--dtype", default="float32", help="float32, bfloat16, or float16 on CUDA (default: %(default)s)")
     return parser.parse_args(argv)
 
 
 def check_args(args):
-    for name in ("limit", "stride", "max_new_tokens"):
+    for name in ("limit", "stride", "max_new_tokens", "threads"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 0")
     for name in ("arith_problems", "arith_train_problems"):

@@ -78,6 +78,7 @@ class GPTConfig:
         check(self.mlp_hidden >= 0, f"mlp_hidden={self.mlp_hidden} must be 0 (the default size) or positive")
         check(self.rope_base > 0, f"rope_base={self.rope_base} must be positive")
         check(set(self.window_pattern) <= {"L", "G"}, f"window pattern {self.window_pattern!r} may hold only L and G")
+        check(not self.window_pattern or self.window > 0, f"window pattern {self.window_pattern!r} needs a window size > 0")
         check(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
         check(self.n_expert >= 0 and self.moe_every >= 1, "n_expert must be >= 0 and moe_every >= 1")
         if self.n_expert:

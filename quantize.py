@@ -432,6 +432,7 @@ def build_parser():
     parser.add_argument("--eval-tokens", type=int, default=131072, help="validation tokens scored by --eval (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward in --eval and --gptq (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or mps (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     return parser
 
 
@@ -440,6 +441,10 @@ def run(args):
     for flag in ("group_size", "block_size", "calib_tokens", "eval_tokens", "batch_size"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is invalid; it must be positive")
+    if args.threads < 0:
+        raise ValueError(f"--threads {args.threads} must be >= 0 (0: torch's default)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     block_size = args.block_size if args.method == "nf4" else args.group_size
     check_method(args.method, block_size)
     if args.double_quant and args.method == "int8":

@@ -112,6 +112,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=1337, help="random seed (default: %(default)s)")
     parser.add_argument("--no-stop-at-eot", action="store_true", help="keep generating past the end-of-text token")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16, or float16 on CUDA (default: %(default)s)")
     return parser.parse_args(argv)
 
@@ -126,6 +127,10 @@ def run(args):
     if args.dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {args.dtype!r} is not one of float32, bfloat16, float16")
     device = resolve_device(args.device)
+    if args.threads < 0:
+        raise ValueError(f"--threads {args.threads} must be >= 0 (0: torch's default)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.dtype == "float16" and device != "cuda":
         raise ValueError(f"--dtype float16 needs a CUDA GPU; on {device} use bfloat16 or float32")
 

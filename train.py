@@ -739,6 +739,7 @@ def prepare_run_dir(cfg, data_dir, runtime):
 def pretrain(cfg, model_args, given):
     cfg, model_args, resume_from = resolve_settings(cfg, model_args, given)
     check_train_config(cfg)
+    GPTConfig(vocab_size=1, **model_args)   # checks the model flags before any tokenizing (the vocabulary comes later)
     runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
 
     # Data and tokenizer

@@ -142,6 +142,8 @@ CASES = [
     ("train negative MLP size", "train.py", ["--data", "tokens", *TINY, "--mlp-hidden", "-5"], "mlp_hidden=-5", None),
     ("train zero RoPE base", "train.py", ["--data", "tokens", *TINY, "--rope-base", "0"], "rope_base=0", None),
     ("train text file as data folder", "train.py", ["--data", "text.txt", *TINY], "--input", None),
+    ("train window pattern without window", "train.py", ["--data", "tokens", *TINY, "--window-pattern", "LG"], "window", None),
+    ("train bad model flag before tokenizing", "train.py", ["--input", "text.txt", *TINY, "--n-embd", "30", "--n-head", "4"], "n_embd=30", None),
     # sample.py
     ("sample missing checkpoint", "sample.py", ["--ckpt", "out/missing"], "missing", None),
     ("sample truncated model.pt", "sample.py", ["--ckpt", "truncated-ckpt"], "model.pt", truncate_model),
