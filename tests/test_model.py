@@ -1110,7 +1110,7 @@ def test_cache_without_padding_then_with_padding(pos):
     assert torch.allclose(last, full[:, 9:], atol=1e-5)
 
 
-def test_generate_same_with_and_without_full_pad_mask():
+def test_generate_full_pad_mask_changes_nothing():
     model = make_model(pos="rope")
     prompt = random_tokens(2, 6)
     plain = model.generate(prompt, 10, temperature=0.0)
