@@ -18,11 +18,9 @@ import gzip
 import json
 import math
 import operator
-import os
 import random
 import re
 import statistics
-import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -668,22 +666,21 @@ def check_args(args):
         raise ValueError(f"--shots {args.shots} must be >= 0")
 
 
+def run(args):
+    """Write the arithmetic training text (--write-arith), or evaluate."""
+    check_args(args)
+    if not args.write_arith:
+        evaluate(args)
+        return
+    if Path(args.write_arith).exists():
+        raise FileExistsError(f"--write-arith {args.write_arith} already exists; choose a new file name or delete it first")
+    text = arithmetic_text(args.arith_train_problems, args.arith_digits, args.arith_ops, args.seed)
+    tok.write_atomic(Path(args.write_arith), text.encode("utf-8"))
+    print(f"wrote {args.arith_train_problems:,} arithmetic problems to {args.write_arith}")
+
+
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        check_args(args)
-        if args.write_arith:
-            if Path(args.write_arith).exists():
-                raise FileExistsError(f"--write-arith {args.write_arith} already exists; choose a new file name or delete it first")
-            text = arithmetic_text(args.arith_train_problems, args.arith_digits, args.arith_ops, args.seed)
-            tok.write_atomic(Path(args.write_arith), text.encode("utf-8"))
-            print(f"wrote {args.arith_train_problems:,} arithmetic problems to {args.write_arith}")
-        else:
-            evaluate(args)
-    except (ValueError, OSError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    tok.run_command(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import io
 import math
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -512,12 +511,7 @@ def save_quantized(out, model, config, tokenizer_file):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    tok.run_command(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

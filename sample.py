@@ -164,12 +164,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    tok.run_command(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -976,6 +976,18 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def run_command(command, *args):
+    """Call command(*args) for a script's main(). A ValueError or OSError becomes one `error:` line on
+    stderr (printed by rank 0 only under torchrun) and exit status 1, without a traceback."""
+    try:
+        return command(*args)
+    except (ValueError, OSError) as error:
+        if int(os.environ.get("RANK", "0")) == 0:
+            message = " ".join(str(error).split("\n"))
+            print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:

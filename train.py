@@ -21,7 +21,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 import urllib.request
 from contextlib import nullcontext
@@ -892,13 +891,7 @@ def pretrain(cfg, model_args, given):
 
 
 def main(argv=None):
-    cfg, model_args, given = parse_args(argv)
-    try:
-        pretrain(cfg, model_args, given)
-    except (ValueError, OSError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    tok.run_command(pretrain, *parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -19,3 +19,13 @@ def data_dir() -> Path:
     if not (path / "tinyshakespeare" / "input.txt").is_file():
         pytest.fail(f"LLM_STAGES_DATA={value} does not contain tinyshakespeare/input.txt")
     return path
+
+
+def assert_clean_error(result, needle):
+    """Check that a finished command failed with exactly one `error:` line containing needle, and no traceback."""
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:"), result.stderr
+    assert needle in lines[0], result.stderr
+    assert "Traceback" not in result.stderr

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import tokenizer as tok
-from conftest import ROOT
+from conftest import ROOT, assert_clean_error
 
 TINY = ["--context-len", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--batch-size", "2",
         "--sample-tokens", "0", "--eval-tokens", "64", "--device", "cpu",
@@ -27,12 +27,14 @@ def workspace(tmp_path_factory, data_dir):
     char.save(root / "char.json")
     tok.encode_corpus(char, [str(root / "text.txt")], root / "tokens")
     tok.encode_corpus(tok.ByteTokenizer(), [str(root / "text.txt")], root / "byte-tokens")
+
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(root / "tokens"), *TINY,
                              "--max-steps", "2", "--run-name", "run"], cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     result = subprocess.run([sys.executable, str(ROOT / "quantize.py"), "--ckpt", "out/run", "--out", "nf4-ckpt"],
                             cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
     (root / "binary.txt").write_bytes(bytes(range(256)) * 4)
     (root / "empty.txt").write_text("")
     (root / "empty-folder").mkdir()
@@ -41,6 +43,7 @@ def workspace(tmp_path_factory, data_dir):
     (root / "truncated.json").write_text(json.dumps(char.to_dict())[:200])
     (root / "wrong-fields.json").write_text(json.dumps({"kind": "bpe", "pattern": "x"}))
     (root / "prompts-binary.txt").write_bytes(b"\xff\xfe\x00bad")
+
     hellaswag = {"ctx": "A man sits down.", "endings": ["He eats.", "He sleeps.", "He runs.", "He sings."], "label": 1}
     (root / "bad-line.jsonl").write_text(json.dumps(hellaswag) + "\n{broken\n")
     (root / "no-endings.jsonl").write_text(json.dumps({"ctx": "A man sits down.", "label": 0}) + "\n")
@@ -193,10 +196,5 @@ def test_bad_input(workspace, name, script, args, needle, damage):
     before = snapshot(workspace)
     result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=workspace, capture_output=True, text=True,
                             timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:"), result.stderr
-    assert needle in lines[0], lines[0]
-    assert "Traceback" not in result.stderr
+    assert_clean_error(result, needle)
     assert snapshot(workspace) == before

@@ -14,7 +14,7 @@ import quantize
 import sample
 import tokenizer as tok
 import train
-from conftest import ROOT
+from conftest import ROOT, assert_clean_error
 from model import GPT, GPTConfig, clean_state_dict, write_checkpoint_files
 
 CASE_NF4_LEVELS = [-1, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0,
@@ -378,15 +378,6 @@ def test_saved_nf4_checkpoint_matches_memory(trained_checkpoint, tmp_path):
     assert type(loaded.wte) is nn.Embedding
     idx = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     assert torch.equal(loaded(idx)[0], model(idx)[0])
-
-
-def assert_clean_error(result, needle):
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:"), result.stderr
-    assert needle in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
 
 
 def test_cli_bad_inputs(trained_checkpoint, tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 import train
 from model import GPT, GPTConfig, IGNORE_INDEX
-from conftest import ROOT
+from conftest import ROOT, assert_clean_error
 
 TINY = ["--context-len", "32", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4",
         "--sample-tokens", "0", "--eval-tokens", "256", "--log-interval", "5", "--warmup-steps", "2", "--device", "cpu",
@@ -189,15 +189,6 @@ def token_dir(tmp_path_factory, data_dir):
 
 def read_log(run_dir):
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-
-
-def assert_clean_error(result, needle):
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:"), result.stderr
-    assert needle in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
 
 
 def test_resume_continues_exactly(tmp_path, token_dir):
